@@ -1,0 +1,50 @@
+"""Shared fixtures: a small generated data set and a way to run `imatch` commands in-process."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from imatch import demo_data
+from imatch.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = dict(n_train_prompts=16, n_val_prompts=5, n_test_prompts=3, image_size=64)
+
+
+@pytest.fixture(scope="session")
+def demo_zip(tmp_path_factory) -> Path:
+    """A small demo source in the HF layout with a split zip (read-only: copy before mutating)."""
+    out = tmp_path_factory.mktemp("demo") / "zip"
+    demo_data.generate(out, seed=3, layout="zip-parts", n_parts=3, **SMALL)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_folder(tmp_path_factory) -> Path:
+    """The same data set with an images/ folder instead of the zip."""
+    out = tmp_path_factory.mktemp("demo") / "folder"
+    demo_data.generate(out, seed=3, layout="folder", **SMALL)
+    return out
+
+
+@pytest.fixture
+def source(tmp_path, demo_folder) -> Path:
+    """A private, mutable copy of the folder-layout demo source."""
+    dest = tmp_path / "source"
+    shutil.copytree(demo_folder, dest)
+    return dest
+
+
+@pytest.fixture
+def imatch(capsys):
+    """Run `imatch ARGS...` in-process; return (exit code, stdout, stderr)."""
+
+    def run(*args):
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run

@@ -1,0 +1,131 @@
+"""Each kind of bad input: a clear error naming file and record, exit code 2, no output."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+
+def _edit(path, change):
+    records = json.loads(path.read_text())
+    change(records)
+    path.write_text(json.dumps(records))
+
+
+def _first_img(source, name="train_list.json"):
+    return json.loads((source / name).read_text())[0]["img_path"]
+
+
+def malformed_json(source):
+    (source / "train_list.json").write_text('[{"prompt_id": "00001",')
+    return "train_list.json", "malformed JSON at line 1"
+
+
+def missing_field(source):
+    _edit(source / "train_list.json", lambda r: r[2].pop("prompt_id"))
+    return "train_list.json", "record 2 (img_path="
+
+
+def missing_total_in_train(source):
+    _edit(source / "train_list.json", lambda r: r[1].update(total_score=None))
+    return "train_list.json", "record 1 (img_path="
+
+
+def missing_image(source):
+    (source / "images" / _first_img(source)).unlink()
+    return "train_list.json", "image not found"
+
+
+def unreadable_image(source):
+    (source / "images" / _first_img(source)).write_bytes(b"not a png at all")
+    return "train_list.json", "unreadable image"
+
+
+def truncated_image(source):
+    path = source / "images" / _first_img(source)
+    path.write_bytes(path.read_bytes()[:-40])
+    return "train_list.json", "unreadable image"
+
+
+def duplicate_img_path(source):
+    _edit(source / "train_list.json", lambda r: r.append(dict(r[0])))
+    return "train_list.json", "duplicate img_path"
+
+
+def duplicate_across_files(source):
+    first = _first_img(source)
+    _edit(source / "final_test.json", lambda r: r[0].update(img_path=first))
+    return "final_test.json", "duplicate img_path (also in"
+
+
+def total_out_of_range(source):
+    _edit(source / "train_list.json", lambda r: r[3].update(total_score=[3, 7]))
+    return "train_list.json", "total_score: 7 is out of range [1, 5]"
+
+
+def element_out_of_range(source):
+    def change(r):
+        key = next(iter(r[0]["element_score"]))
+        r[0]["element_score"][key] = [1, 2]
+    _edit(source / "train_list.json", change)
+    return "train_list.json", "is out of range [0, 1]"
+
+
+def nan_score(source):
+    (source / "train_list.json").write_text(
+        (source / "train_list.json").read_text().replace('"total_score": [', '"total_score": [NaN, ', 1))
+    return "train_list.json", "nan is not a finite number"
+
+
+def element_without_category(source):
+    def change(r):
+        r[0]["element_score"]["puffin"] = [1, 1]
+    _edit(source / "train_list.json", change)
+    return "train_list.json", "element key 'puffin' has no ' (<category>)' suffix"
+
+
+def unknown_prompt_type(source):
+    _edit(source / "train_list.json", lambda r: r[0].update(type="fictional"))
+    return "train_list.json", "type must be one of"
+
+
+def labels_for_unknown_image(source):
+    _edit(source / "eval.json", lambda r: r.append(dict(r[0], img_path="nowhere/0.png")))
+    return "eval.json", "labels for an unknown image"
+
+
+def eval_keys_differ(source):
+    def change(r):
+        r[0]["element_score"] = {"something (object)": 1.0}
+    _edit(source / "eval.json", change)
+    return "eval.json", "differ from the inputs'"
+
+
+def path_escape(source):
+    _edit(source / "train_list.json", lambda r: r[0].update(img_path="../../etc/passwd"))
+    return "train_list.json", "img_path must be relative"
+
+
+CASES = [
+    malformed_json, missing_field, missing_total_in_train, missing_image, unreadable_image, truncated_image,
+    duplicate_img_path, duplicate_across_files, total_out_of_range, element_out_of_range, nan_score,
+    element_without_category, unknown_prompt_type, labels_for_unknown_image, eval_keys_differ, path_escape,
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
+def test_bad_input_is_named_and_leaves_no_output(case, source, tmp_path, imatch):
+    filename, message = case(source)
+    out = tmp_path / "out"
+    code, _, err = imatch("ingest", "--source", source, "--out", out)
+    assert code == 2
+    assert f"{source / filename}" in err, err
+    assert message in err, err
+    assert not (out / "samples.parquet").exists() and not (out / "elements.parquet").exists()
+
+
+def test_nan_is_not_accepted_silently():
+    # Python's json accepts NaN; the check must not rely on the parser rejecting it
+    assert math.isnan(json.loads("[NaN]")[0])

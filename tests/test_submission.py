@@ -1,0 +1,94 @@
+"""Official format: ground truth and submission.zip round trips, with row-count checks."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import pandas as pd
+import pytest
+
+from imatch.evaluate import evaluate, load_official
+from imatch.ingest import ingest
+
+
+@pytest.fixture(scope="module")
+def tables(demo_zip, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tables")
+    ingest(demo_zip, out, holdout_fraction=0.25, seed=0, eval_json=demo_zip / "eval.json",
+           final_test=demo_zip / "final_test.json")
+    return out / "samples.parquet", out / "elements.parquet"
+
+
+def _predictions(tmp_path, samples, elements, split):
+    s = pd.read_parquet(samples)
+    e = pd.read_parquet(elements)
+    s = s[s["split"] == split]
+    e = e[e["img_path"].isin(s["img_path"])]
+    pred = pd.DataFrame({"img_path": s["img_path"], "total_score": [1 + (i % 9) / 2 for i in range(len(s))]})
+    pred_el = e[["img_path", "element"]].assign(score=[(i % 3) / 2 for i in range(len(e))])
+    pred.to_parquet(tmp_path / "p.parquet")
+    pred_el.to_parquet(tmp_path / "e.parquet")
+    return pred, pred_el
+
+
+def _submit(imatch, tmp_path, tables, split, out="submission.zip"):
+    return imatch("submission", "--samples", tables[0], "--elements", tables[1], "--split", split,
+                  "--predictions", tmp_path / "p.parquet", "--element-predictions", tmp_path / "e.parquet",
+                  "--out", tmp_path / out, "--runtime", "0.51", "--cpu", "0", "--description", "unit test")
+
+
+def test_submission_round_trip(tables, tmp_path, imatch):
+    pred, pred_el = _predictions(tmp_path, *tables, "test")
+    code, _, err = _submit(imatch, tmp_path, tables, "test")
+    assert code == 0, err
+    with zipfile.ZipFile(tmp_path / "submission.zip") as zf:
+        assert sorted(zf.namelist()) == ["output.json", "readme.txt"]
+        readme = zf.read("readme.txt").decode().splitlines()
+    assert readme == [
+        "runtime per image [s] : 0.5100",
+        "CPU[1] / GPU[0] : 0",
+        "Extra Data [1] / No Extra Data [0] : 0",
+        "LLM[1] / Non-LLM[0] : 1",
+        "Other description : unit test",
+    ]
+    records = load_official(tmp_path / "submission.zip")
+    assert [r["img_path"] for r in records] == sorted(pred["img_path"])
+    totals = pred.set_index("img_path")["total_score"]
+    scores = pred_el.set_index(["img_path", "element"])["score"]
+    for r in records:
+        assert r["total_score"] == totals[r["img_path"]]
+        assert r["element_score"] == {k: scores[(r["img_path"], k)] for k in r["element_score"]}
+    assert sum(len(r["element_score"]) for r in records) == len(pred_el)
+    # deterministic bytes
+    _submit(imatch, tmp_path, tables, "test", out="again.zip")
+    assert (tmp_path / "submission.zip").read_bytes() == (tmp_path / "again.zip").read_bytes()
+
+
+def test_missing_prediction_rows_are_refused(tables, tmp_path, imatch):
+    pred, pred_el = _predictions(tmp_path, *tables, "val")
+    pred.iloc[1:].to_parquet(tmp_path / "p.parquet")
+    code, _, err = _submit(imatch, tmp_path, tables, "val")
+    assert code == 2 and "p.parquet" in err and "1 images of the split have no prediction" in err
+    pred.to_parquet(tmp_path / "p.parquet")
+    pred_el.iloc[:-1].to_parquet(tmp_path / "e.parquet")
+    code, _, err = _submit(imatch, tmp_path, tables, "val")
+    assert code == 2 and "e.parquet" in err and "1 element keys have no prediction" in err
+    assert not (tmp_path / "submission.zip").exists()
+
+
+def test_ground_truth_of_val_equals_eval_json(tables, demo_zip, tmp_path, imatch):
+    code, _, err = imatch("ground-truth", "--samples", tables[0], "--elements", tables[1], "--split", "val",
+                          "--out", tmp_path / "gt.json")
+    assert code == 0, err
+    ours = sorted(json.loads((tmp_path / "gt.json").read_text()), key=lambda r: r["img_path"])
+    official = sorted(json.loads((demo_zip / "eval.json").read_text()), key=lambda r: r["img_path"])
+    assert ours == official
+    perfect = evaluate(tmp_path / "gt.json", demo_zip / "eval.json")
+    assert perfect["srcc"] == pytest.approx(1.0) and perfect["acc"] == 1.0
+
+
+def test_ground_truth_refuses_unlabelled_split(tables, tmp_path, imatch):
+    code, _, err = imatch("ground-truth", "--samples", tables[0], "--elements", tables[1], "--split", "test",
+                          "--out", tmp_path / "gt.json")
+    assert code == 2 and "unlabelled images" in err and not (tmp_path / "gt.json").exists()

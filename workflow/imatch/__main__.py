@@ -1,0 +1,3 @@
+from imatch.cli import main
+
+raise SystemExit(main())

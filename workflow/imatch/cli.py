@@ -1,0 +1,35 @@
+"""`imatch <command>`: every workflow stage as a command usable on its own."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from imatch import __version__, baseline, demo_data, download, evaluate, ingest, submission
+from imatch.errors import InputError
+
+STAGES = [download, demo_data, ingest, baseline, submission, evaluate]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imatch", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"imatch {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
+    for stage in STAGES:
+        stage.add_parser(sub)
+    for command in sub.choices.values():  # keep the modules' docstrings' line breaks in --help
+        command.formatter_class = argparse.RawDescriptionHelpFormatter
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except InputError as exc:
+        print(f"imatch {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

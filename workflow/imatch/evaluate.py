@@ -1,0 +1,190 @@
+"""Stage `evaluate`: score predictions exactly as the NTIRE 2025 Track 1 judge does.
+
+Official semantics (the challenge's evaluate.py, see README "Scoring"):
+- ground truth and submission are both sorted by `img_path` and paired by position (this
+  implementation refuses mismatched image sets instead of silently misaligning them);
+- SRCC = scipy.stats.spearmanr on total scores;
+- PLCC = Pearson after a 4-parameter logistic fit. The official script passes its arguments
+  swapped, so the logistic is fitted FROM the ground truth TO the predictions, with
+  p0 = [max(pred), min(pred), mean(gt), std(gt)], and PLCC = pearson(pred, f(gt)). We implement
+  that and name it `plcc`; the textbook direction (pred -> gt) is reported as `plcc_pred_to_gt`;
+- ACC pools every (image, element) pair of the ground truth (micro average), binarises ground
+  truth and prediction with >= 0.5 and counts agreements;
+- final = SRCC/4 + PLCC/4 + ACC/2.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from scipy.optimize import OptimizeWarning, curve_fit
+from scipy.stats import pearsonr, spearmanr
+
+from imatch.atomic import write_json
+from imatch.errors import InputError, record_label
+
+HIT_THRESHOLD = 0.5  # official binarisation of element scores (>=)
+
+
+def logistic(x, b1, b2, b3, b4):
+    """The judge's 4-parameter logistic: (b1 - b2) / (1 + exp(-(x - b3) / |b4|)) + b2."""
+    return (b1 - b2) / (1.0 + np.exp(-(x - b3) / np.abs(b4))) + b2
+
+
+def _fit_logistic(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    p0 = [np.max(y), np.min(y), np.mean(x), np.std(x)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OptimizeWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        popt, _ = curve_fit(logistic, x, y, p0=p0, maxfev=int(1e8))
+    return logistic(x, *popt)
+
+
+def plcc_official(gt: np.ndarray, pred: np.ndarray) -> float:
+    """PLCC as the judge computes it: logistic fitted gt -> pred, pearson(pred, f(gt))."""
+    return float(pearsonr(pred, _fit_logistic(gt, pred))[0])
+
+
+def plcc_pred_to_gt(gt: np.ndarray, pred: np.ndarray) -> float:
+    """PLCC in the usual IQA direction (logistic fitted pred -> gt), for reference."""
+    return float(pearsonr(gt, _fit_logistic(pred, gt))[0])
+
+
+def element_accuracy(gt_elements: list[dict], pred_elements: list[dict]) -> tuple[float, int]:
+    """Micro-averaged agreement of (gt >= 0.5) and (pred >= 0.5) over all gt element keys."""
+    agree = total = 0
+    for gt, pred in zip(gt_elements, pred_elements):
+        for key, value in gt.items():
+            agree += (value >= HIT_THRESHOLD) == (pred[key] >= HIT_THRESHOLD)
+            total += 1
+    return (agree / total if total else float("nan")), total
+
+
+def _nan_to_none(x: float):
+    return None if x is None or math.isnan(x) else x
+
+
+def score(gt_records: list[dict], pred_records: list[dict], *, gt_path="ground truth", pred_path="predictions") -> dict:
+    gt = sorted(gt_records, key=lambda r: r["img_path"])
+    pred = sorted(pred_records, key=lambda r: r["img_path"])
+    gt_imgs = [r["img_path"] for r in gt]
+    pred_imgs = [r["img_path"] for r in pred]
+    if gt_imgs != pred_imgs:
+        only_gt = sorted(set(gt_imgs) - set(pred_imgs))
+        only_pred = sorted(set(pred_imgs) - set(gt_imgs))
+        raise InputError(
+            pred_path,
+            f"image set differs from {gt_path}: {len(only_gt)} missing (e.g. {only_gt[:3]}), "
+            f"{len(only_pred)} unexpected (e.g. {only_pred[:3]})"
+            + ("" if only_gt or only_pred else "; duplicate img_path entries"),
+        )
+    for g, p in zip(gt, pred):
+        missing = [k for k in g["element_score"] if k not in p["element_score"]]
+        if missing:
+            raise InputError(pred_path, f"missing element keys {missing}", f"img_path={g['img_path']!r}")
+    y = np.array([r["total_score"] for r in gt], dtype=float)
+    x = np.array([r["total_score"] for r in pred], dtype=float)
+    if len(y) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        srcc = plcc = plcc_rev = float("nan")  # correlation undefined for constant scores
+    else:
+        srcc = float(spearmanr(y, x)[0])
+        plcc = plcc_official(y, x)
+        plcc_rev = plcc_pred_to_gt(y, x)
+    acc, n_elements = element_accuracy([r["element_score"] for r in gt], [r["element_score"] for r in pred])
+    final = srcc / 4 + plcc / 4 + acc / 2
+    return {
+        "srcc": _nan_to_none(srcc),
+        "plcc": _nan_to_none(plcc),
+        "acc": _nan_to_none(acc),
+        "final": _nan_to_none(final),
+        "plcc_pred_to_gt": _nan_to_none(plcc_rev),
+        "n_images": len(gt),
+        "n_elements": n_elements,
+    }
+
+
+def load_official(path: Path) -> list[dict]:
+    """Read an official-format list (eval.json, output.json, or submission.zip holding output.json)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "file not found")
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            names = [n for n in zf.namelist() if Path(n).name == "output.json"]
+            if len(names) != 1:
+                raise InputError(path, "submission zip must contain exactly one output.json")
+            text = zf.read(names[0]).decode("utf-8")
+    else:
+        text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(path, f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    if not isinstance(data, list):
+        raise InputError(path, f"expected a JSON list of records, got {type(data).__name__}")
+    for i, rec in enumerate(data):
+        label = record_label(i, rec)
+        if not isinstance(rec, dict):
+            raise InputError(path, "expected a JSON object", label)
+        if not isinstance(rec.get("img_path"), str):
+            raise InputError(path, "missing required field 'img_path'", label)
+        value = rec.get("total_score")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InputError(path, f"total_score must be a finite number, got {value!r}", label)
+        elements = rec.get("element_score")
+        if not isinstance(elements, dict):
+            raise InputError(path, "missing required field 'element_score'", label)
+        for key, v in elements.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise InputError(path, f"element_score[{key!r}] must be a finite number, got {v!r}", label)
+    return data
+
+
+def evaluate(gt_path: Path, pred_path: Path) -> dict:
+    return score(load_official(gt_path), load_official(pred_path), gt_path=str(gt_path), pred_path=str(pred_path))
+
+
+def metrics_table(paths: list[Path]) -> "pd.DataFrame":
+    """Collect `<...>/metrics/<predictor>/<split>.json` files into one table."""
+    import pandas as pd
+
+    rows = []
+    for path in map(Path, paths):
+        rows.append({"predictor": path.parent.name, "split": path.stem, **json.loads(path.read_text())})
+    return pd.DataFrame(rows).sort_values(["split", "predictor"], kind="stable").reset_index(drop=True)
+
+
+def add_parser(subparsers) -> None:
+    t = subparsers.add_parser("metrics-table", help="collect metrics JSON files into one TSV table",
+                              description=metrics_table.__doc__)
+    t.add_argument("metrics", type=Path, nargs="+", help="metrics/<predictor>/<split>.json files")
+    t.add_argument("--out", type=Path, required=True, help="TSV to write")
+    t.set_defaults(func=_run_table)
+
+    p = subparsers.add_parser("evaluate", help="score predictions like the official Track 1 judge", description=__doc__)
+    p.add_argument("--gt", type=Path, required=True, help="ground truth in the official format (eval.json)")
+    p.add_argument("--pred", type=Path, required=True, help="output.json or submission.zip")
+    p.add_argument("--out", type=Path, help="also write the metrics JSON here")
+    p.set_defaults(func=_run)
+
+
+def _run_table(args) -> int:
+    from imatch.atomic import write_text
+
+    table = metrics_table(args.metrics)
+    write_text(table.to_csv(sep="\t", index=False, float_format="%.4f"), args.out)
+    print(table.to_string(index=False))
+    return 0
+
+
+def _run(args) -> int:
+    metrics = evaluate(args.gt, args.pred)
+    if args.out:
+        write_json(metrics, args.out)
+    print(json.dumps(metrics))
+    return 0

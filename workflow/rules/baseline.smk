@@ -1,0 +1,21 @@
+# Predictors that need no training: the floor trained models are compared against.
+
+
+rule baseline_prior:
+    input:
+        samples=rules.ingest.output.samples,
+        elements=rules.ingest.output.elements,
+        code=code("baseline"),
+    output:
+        predictions=f"{RESULTS}/predictions/prior/predictions.parquet",
+        elements=f"{RESULTS}/predictions/prior/element_predictions.parquet",
+    log:
+        f"{RESULTS}/logs/baseline_prior.log",
+    conda:
+        "../../envs/imatch.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "imatch baseline --samples {input.samples} --elements {input.elements}"
+        " --out-predictions {output.predictions} --out-element-predictions {output.elements} > {log} 2>&1"
