@@ -83,6 +83,34 @@ def test_changed_demo_size_regenerates_data(workflow, tmp_path):
     assert {"demo_data", "ingest"} <= planned_jobs(snakemake(wd, "-n", configs=[changed]))
 
 
+def test_instruction_sets_are_built(workflow):
+    wd, _ = workflow
+    sets = sorted(p.relative_to(wd / "results" / "instructions").as_posix()
+                  for p in (wd / "results" / "instructions").rglob("*.jsonl"))
+    overall = [s for s in sets if s.startswith("overall-")]
+    element = [s for s in sets if s.startswith("element-")]
+    # overall eval sets need predicted element levels (element augmentation is on by default)
+    assert len(overall) == 1 and overall[0].split("/")[1].startswith("train-")
+    assert sorted(s.split("/")[1].split("-")[0].removesuffix(".jsonl") for s in element) == [
+        "holdout", "test", "train", "val"]
+
+
+def test_flipping_a_switch_rebuilds_only_what_depends_on_it(workflow, tmp_path):
+    wd, small = workflow
+    off = tmp_path / "noaug.yaml"
+    off.write_text(yaml.safe_dump({**SMALL, "instructions": {"overall": {"image_augmentation": False}}}))
+    assert planned_jobs(snakemake(wd, "-n", configs=[off])) == {"instructions_train", "all"}
+    typed = tmp_path / "notype.yaml"
+    typed.write_text(yaml.safe_dump({**SMALL, "instructions": {"element": {"prompt_type": False}}}))
+    jobs = snakemake(wd, "-n", configs=[typed])
+    assert planned_jobs(jobs) == {"instructions_train", "instructions_eval", "all"}
+    outputs = re.findall(r"^\s+output: (.+)$", jobs.stdout + jobs.stderr, re.M)
+    assert outputs and all("/instructions/element-" in o for o in outputs if "instructions/" in o)
+    assert not any("/instructions/overall-" in o for o in outputs)
+    # flipping back is the configuration that was built: nothing to do
+    assert planned_jobs(snakemake(wd, "-n", configs=[small])) == set()
+
+
 def test_lint_is_clean(workflow):
     wd, small = workflow
     out = snakemake(wd, "--lint", configs=[small])

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from imatch import __version__, baseline, demo_data, download, evaluate, ingest, submission
+from imatch import __version__, augment, baseline, demo_data, download, evaluate, ingest, instructions, submission
 from imatch.errors import InputError
 
-STAGES = [download, demo_data, ingest, baseline, submission, evaluate]
+STAGES = [download, demo_data, ingest, augment, instructions, baseline, submission, evaluate]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,8 +22,6 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import OptimizeWarning, curve_fit
-from scipy.stats import pearsonr, spearmanr
 
 from imatch.atomic import write_json
 from imatch.errors import InputError, record_label
@@ -37,6 +35,8 @@ def logistic(x, b1, b2, b3, b4):
 
 
 def _fit_logistic(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    from scipy.optimize import OptimizeWarning, curve_fit  # scipy is slow to import: only when scoring
+
     p0 = [np.max(y), np.min(y), np.mean(x), np.std(x)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", OptimizeWarning)
@@ -47,11 +47,15 @@ def _fit_logistic(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def plcc_official(gt: np.ndarray, pred: np.ndarray) -> float:
     """PLCC as the judge computes it: logistic fitted gt -> pred, pearson(pred, f(gt))."""
+    from scipy.stats import pearsonr
+
     return float(pearsonr(pred, _fit_logistic(gt, pred))[0])
 
 
 def plcc_pred_to_gt(gt: np.ndarray, pred: np.ndarray) -> float:
     """PLCC in the usual IQA direction (logistic fitted pred -> gt), for reference."""
+    from scipy.stats import pearsonr
+
     return float(pearsonr(gt, _fit_logistic(pred, gt))[0])
 
 
@@ -92,6 +96,8 @@ def score(gt_records: list[dict], pred_records: list[dict], *, gt_path="ground t
     if len(y) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         srcc = plcc = plcc_rev = float("nan")  # correlation undefined for constant scores
     else:
+        from scipy.stats import spearmanr
+
         srcc = float(spearmanr(y, x)[0])
         plcc = plcc_official(y, x)
         plcc_rev = plcc_pred_to_gt(y, x)

@@ -88,9 +88,93 @@ def ingest_options(wildcards, input):
 
 
 def all_targets():
-    targets = [f"{RESULTS}/metrics/summary.tsv"]
+    targets = [f"{RESULTS}/metrics/summary.tsv", *instruction_targets()]
     sub = config["submission"]
     targets.append(
         f"{RESULTS}/predictions/{sub['predictor']}/{sub['split']}/submission.zip"
     )
     return targets
+
+
+# ---- instruction sets (names are hashes of their settings: see imatch/variants.py) -----------
+sys.path.insert(0, str(PACKAGE.parent))
+from imatch.variants import Registry  # noqa: E402
+
+VARIANTS = Registry(config["instructions"])
+
+
+wildcard_constraints:
+    query="(overall|element)-[0-9a-f]{8}",
+    train="[0-9a-f]{8}",
+    aug="[0-9a-f]{8}",
+
+
+def available_splits():
+    """Splits ingest will produce, known before it runs (the DAG needs them)."""
+    splits = ["train", "val"]
+    if config["ingest"]["holdout_fraction"] > 0:
+        splits.append("holdout")
+    data = config["data"]
+    if (
+        data["final_test"]
+        or (data["source"] == "demo" and config["demo"]["test_prompts"] > 0)
+        or (
+            data["source"] == "local"
+            and (Path(data["local_dir"] or ".") / "final_test.json").is_file()
+        )
+    ):
+        splits.append("test")
+    return splits
+
+
+def instruction_set(task, split):
+    """Path of the configured instruction set of `task` for `split`."""
+    qname, tname = VARIANTS.add(task, config["instructions"])
+    name = f"train-{tname}" if split == "train" else split
+    return f"{RESULTS}/instructions/{qname}/{name}.parquet"
+
+
+def instruction_targets():
+    """Every set buildable now; overall sets of other splits with element levels need the
+    element model's predicted levels (scoring stage) and are requested by it."""
+    targets = []
+    for task in ("overall", "element"):
+        qname, _ = VARIANTS.add(task, config["instructions"])
+        for split in available_splits():
+            if split == "train" or not VARIANTS.uses_element_levels(qname):
+                targets.append(instruction_set(task, split))
+    return targets
+
+
+def instruction_inputs(wildcards):
+    inputs = {
+        "samples": rules.ingest.output.samples,
+        "elements": rules.ingest.output.elements,
+        "code": code("instructions"),
+    }
+    split = wildcards.get("split", "train")
+    if split == "train":
+        aug = VARIANTS.augmentation_of(wildcards.train)
+        if aug is not None:
+            inputs["augmented"] = f"{RESULTS}/augment/{aug}/augmented.parquet"
+    elif VARIANTS.uses_element_levels(wildcards.query):
+        inputs["element_levels"] = f"{RESULTS}/element_levels/{split}.parquet"
+    return inputs
+
+
+def instruction_flags(wildcards, input):
+    flags = [VARIANTS.query_flags(wildcards.query)]
+    if "train" in wildcards.keys():
+        flags.append(VARIANTS.train_flags(wildcards.train))
+    if "augmented" in input.keys():
+        flags.append(f"--augmented {input.augmented}")
+    if VARIANTS.uses_element_levels(wildcards.query):
+        levels = (
+            input.element_levels if "element_levels" in input.keys() else "ground-truth"
+        )
+        flags.append(f"--element-levels {levels}")
+    return " ".join(f for f in flags if f)
+
+
+def augment_flags(wildcards):
+    return Registry.augment_flags(VARIANTS.augment[wildcards.aug])

@@ -1,0 +1,64 @@
+# Instruction sets of both tasks (paper Sec. 3.1-3.3) and the augmented training images.
+
+
+rule augment_images:
+    input:
+        samples=rules.ingest.output.samples,
+        code=code("augment"),
+    output:
+        table=f"{RESULTS}/augment/{{aug}}/augmented.parquet",
+        images=directory(f"{RESULTS}/augment/{{aug}}/images"),
+    log:
+        f"{RESULTS}/logs/augment/{{aug}}.log",
+    conda:
+        "../../envs/imatch.yaml"
+    resources:
+        mem_mb=4000,
+        runtime=120,
+    params:
+        flags=augment_flags,
+    shell:
+        "imatch augment --samples {input.samples} --out {output.table} --images {output.images}"
+        " {params.flags} > {log} 2>&1"
+
+
+rule instructions_train:
+    input:
+        unpack(instruction_inputs),
+    output:
+        table=f"{RESULTS}/instructions/{{query}}/train-{{train}}.parquet",
+        jsonl=f"{RESULTS}/instructions/{{query}}/train-{{train}}.jsonl",
+        record=f"{RESULTS}/instructions/{{query}}/train-{{train}}.parquet.json",
+    log:
+        f"{RESULTS}/logs/instructions/{{query}}_train-{{train}}.log",
+    conda:
+        "../../envs/imatch.yaml"
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    params:
+        flags=instruction_flags,
+    shell:
+        "imatch instructions --split train --samples {input.samples} --elements {input.elements}"
+        " --out {output.table} --jsonl {output.jsonl} {params.flags} > {log} 2>&1"
+
+
+rule instructions_eval:
+    input:
+        unpack(instruction_inputs),
+    output:
+        table=f"{RESULTS}/instructions/{{query}}/{{split}}.parquet",
+        jsonl=f"{RESULTS}/instructions/{{query}}/{{split}}.jsonl",
+        record=f"{RESULTS}/instructions/{{query}}/{{split}}.parquet.json",
+    log:
+        f"{RESULTS}/logs/instructions/{{query}}_{{split}}.log",
+    conda:
+        "../../envs/imatch.yaml"
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    params:
+        flags=instruction_flags,
+    shell:
+        "imatch instructions --split {wildcards.split} --samples {input.samples} --elements {input.elements}"
+        " --out {output.table} --jsonl {output.jsonl} {params.flags} > {log} 2>&1"
