@@ -39,6 +39,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("baseline", help="prior predictor (no image, no prompt text)", description=__doc__)
     p.add_argument("--samples", type=Path, required=True)
     p.add_argument("--elements", type=Path, required=True)
+    p.add_argument("--split", help="write predictions of this split only (default: all)")
     p.add_argument("--out-predictions", type=Path, required=True, help="parquet: img_path, split, total_score")
     p.add_argument("--out-element-predictions", type=Path, required=True, help="parquet: img_path, element, score")
     p.set_defaults(func=_run)
@@ -50,6 +51,9 @@ def _run(args) -> int:
     pred, pred_el = prior_predictions(samples, elements)
     if len(pred) != len(samples) or len(pred_el) != len(elements):
         raise AssertionError("prior baseline changed the row count")  # internal invariant
+    if args.split:
+        pred = pred[pred["split"] == args.split].reset_index(drop=True)
+        pred_el = pred_el[pred_el["img_path"].isin(pred["img_path"])].reset_index(drop=True)
     write_parquet(pred, args.out_predictions)
     write_parquet(pred_el, args.out_element_predictions)
     print(json.dumps({"images": len(pred), "elements": len(pred_el)}))

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from imatch import __version__, augment, baseline, demo_data, download, evaluate, ingest, instructions, submission
+from imatch import (__version__, augment, backbone, baseline, demo_data, download, ensemble, evaluate, ingest,
+                    instructions, score, submission, train)
+from imatch.archs import ovis2_convert
 from imatch.errors import InputError
 
-STAGES = [download, demo_data, ingest, augment, instructions, baseline, submission, evaluate]
+STAGES = [download, demo_data, ingest, augment, instructions, backbone, ovis2_convert, train, score, ensemble, baseline,
+          submission, evaluate]
 
 
 def build_parser() -> argparse.ArgumentParser:

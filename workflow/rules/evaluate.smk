@@ -24,8 +24,8 @@ rule submission:
     input:
         samples=rules.ingest.output.samples,
         elements=rules.ingest.output.elements,
-        predictions=f"{RESULTS}/predictions/{{predictor}}/predictions.parquet",
-        element_predictions=f"{RESULTS}/predictions/{{predictor}}/element_predictions.parquet",
+        predictions=f"{RESULTS}/predictions/{{predictor}}/{{split}}/predictions.parquet",
+        element_predictions=f"{RESULTS}/predictions/{{predictor}}/{{split}}/element_predictions.parquet",
         code=code("submission"),
     output:
         f"{RESULTS}/predictions/{{predictor}}/{{split}}/submission.zip",
@@ -71,7 +71,7 @@ rule metrics_summary:
     input:
         expand(
             f"{RESULTS}/metrics/{{predictor}}/{{split}}.json",
-            predictor=config["evaluate"]["predictors"],
+            predictor=predictors(),
             split=config["evaluate"]["splits"],
         ),
     output:

@@ -62,3 +62,24 @@ rule instructions_eval:
     shell:
         "imatch instructions --split {wildcards.split} --samples {input.samples} --elements {input.elements}"
         " --out {output.table} --jsonl {output.jsonl} {params.flags} > {log} 2>&1"
+
+
+rule instructions_eval_levels:
+    input:
+        unpack(instruction_inputs),
+    output:
+        table=f"{RESULTS}/instructions/{{query}}/{{split}}.levels-{{round}}.parquet",
+        jsonl=f"{RESULTS}/instructions/{{query}}/{{split}}.levels-{{round}}.jsonl",
+        record=f"{RESULTS}/instructions/{{query}}/{{split}}.levels-{{round}}.parquet.json",
+    log:
+        f"{RESULTS}/logs/instructions/{{query}}_{{split}}.levels-{{round}}.log",
+    conda:
+        "../../envs/imatch.yaml"
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    params:
+        flags=instruction_flags,
+    shell:
+        "imatch instructions --split {wildcards.split} --samples {input.samples} --elements {input.elements}"
+        " --out {output.table} --jsonl {output.jsonl} {params.flags} > {log} 2>&1"

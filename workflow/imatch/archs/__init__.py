@@ -1,0 +1,39 @@
+"""The three backbone architectures of the paper, each behind one small interface.
+
+An `Arch` says how ms-swift knows the model (model type, template, plug-in), how images are
+sized, which modules a fine-tune may train, and how to build a random-weight backbone offline
+(a tiny one for tests and the demo, or one of the real size for GPU benchmarks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str
+    swift_model_type: str
+    swift_template: str
+    build: Callable  # build(out_dir, size, seed) -> None
+    sizes: tuple[str, ...]
+    # modules trained besides LoRA when the recipe asks for a trainable head (random tiny models)
+    head_modules: tuple[str, ...] = ()
+    env: dict = field(default_factory=dict)  # image sizing env vars read by ms-swift
+    plugin: str | None = None  # module registering the model with ms-swift (--external_plugins)
+
+
+def get(name: str) -> Arch:
+    from imatch.archs import internvl
+
+    registry = {a.name: a for a in (internvl.ARCH,)}
+    for optional in ("qwen2_5_vl", "ovis2"):
+        try:
+            module = __import__(f"imatch.archs.{optional}", fromlist=["ARCH"])
+            registry[module.ARCH.name] = module.ARCH
+        except ModuleNotFoundError:
+            pass
+    if name not in registry:
+        raise ValueError(f"unknown architecture {name!r}; known: {sorted(registry)}")
+    return registry[name]

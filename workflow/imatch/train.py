@@ -1,0 +1,242 @@
+"""Stage `train`: fine-tune a backbone on one instruction set with `swift sft` (the paper's engine).
+
+The recipe (LoRA rank, unfrozen ViT and aligner, learning rate, schedule, epochs, batch) comes in
+as flags. ms-swift writes its working checkpoints to a scratch folder that Snakemake does not own:
+a killed job resumes from the last checkpoint when rerun, as long as the scratch folder belongs to
+the same run (same command, same data: fingerprinted); a stale one is cleared. Only on success is
+the final model (full weights or LoRA adapter, without optimizer state) copied, atomically, to the
+declared output together with `training.json`: resolved arguments, loss curve, package versions,
+data hash and timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+from imatch import archs
+from imatch.atomic import atomic_path
+from imatch.devices import check_gpus
+from imatch.download import sha256_file
+from imatch.errors import InputError
+
+PACKAGES = ["ms-swift", "transformers", "torch", "peft", "accelerate", "imatch"]
+# checkpoint files that are training state, not the model
+STATE_FILES = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin"}
+FINGERPRINT = "imatch-run.json"
+
+
+def recipe_flags(args) -> list[str]:
+    """The `swift sft` flags of the fine-tuning recipe (paper Sec. 4.1 by default)."""
+    flags = [
+        "--tuner_type", args.tuner,
+        "--freeze_vit", str(not args.train_vit).lower(),
+        "--freeze_aligner", str(not args.train_aligner).lower(),
+        "--learning_rate", str(args.learning_rate),
+        "--weight_decay", str(args.weight_decay),
+        "--warmup_ratio", str(args.warmup_ratio),
+        "--lr_scheduler_type", args.lr_scheduler,
+        "--num_train_epochs", str(args.epochs),
+        "--per_device_train_batch_size", str(args.batch_size),
+        "--gradient_accumulation_steps", str(args.grad_accum),
+        "--max_length", str(args.max_length),
+        "--seed", str(args.seed),
+        "--data_seed", str(args.seed),
+        "--save_steps", str(args.save_steps),
+        "--save_total_limit", "2",
+        "--logging_steps", "1",
+    ]
+    if args.max_steps:
+        flags += ["--max_steps", str(args.max_steps)]
+    if args.tuner == "lora":
+        flags += ["--lora_rank", str(args.lora_rank), "--lora_alpha", str(args.lora_alpha),
+                  "--target_modules", "all-linear"]
+    if args.modules_to_save:
+        flags += ["--modules_to_save", *args.modules_to_save]
+    if args.max_pixels:
+        flags += ["--max_pixels", str(args.max_pixels)]
+    if args.dtype == "bfloat16":
+        flags += ["--torch_dtype", "bfloat16", "--bf16", "true", "--fp16", "false"]
+    else:
+        flags += ["--torch_dtype", "float32", "--bf16", "false", "--fp16", "false"]
+    if not args.gradient_checkpointing:
+        flags += ["--gradient_checkpointing", "false"]
+    return flags
+
+
+def swift_command(args, arch: archs.Arch, output_dir: Path, resume: Path | None) -> list[str]:
+    cmd = [
+        # `swift sft` as a module of this Python: works without the console script on PATH, and
+        # ms-swift's launcher starts torchrun itself when NPROC_PER_NODE asks for several GPUs
+        sys.executable, "-m", "swift.cli.main", "sft",
+        "--model", str(args.model), "--model_type", arch.swift_model_type, "--template", arch.swift_template,
+        "--check_model", "false", "--dataset", str(args.dataset), "--split_dataset_ratio", "0",
+        "--strict", "true", "--output_dir", str(output_dir), "--add_version", "false",
+        "--report_to", "none", "--dataloader_num_workers", str(args.workers), "--dataset_num_proc", "1",
+        *recipe_flags(args),
+    ]
+    if arch.plugin:
+        cmd += ["--external_plugins", arch.plugin]
+    if resume is not None:
+        cmd += ["--resume_from_checkpoint", str(resume)]
+    return cmd
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def complete(checkpoint: Path) -> bool:
+    """A checkpoint the trainer finished writing (a kill can leave a partial one behind)."""
+    return (checkpoint / "trainer_state.json").is_file() and any(checkpoint.glob("*.safetensors"))
+
+
+def prepare_scratch(scratch: Path, fingerprint: dict) -> Path | None:
+    """Keep the scratch folder only if it belongs to this run; return the checkpoint to resume."""
+    record = scratch / FINGERPRINT
+    if scratch.exists() and (not record.is_file() or json.loads(record.read_text()) != fingerprint):
+        print(f"scratch {scratch} belongs to another run: clearing it")
+        shutil.rmtree(scratch)
+    scratch.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(fingerprint, indent=1))
+    done = [c for c in checkpoints(scratch) if complete(c)]
+    for partial in set(checkpoints(scratch)) - set(done):
+        shutil.rmtree(partial)
+    return done[-1] if done else None
+
+
+def loss_curve(logging_jsonl: Path) -> list[dict]:
+    """Loss per optimizer step. logging.jsonl is appended across resumed runs: steps redone after
+    a resume appear twice, and the later entry is the one the final model descends from."""
+    by_step = {}
+    for line in logging_jsonl.read_text().splitlines():
+        row = json.loads(line)
+        if "loss" in row and "global_step/max_steps" in row:
+            step = int(str(row["global_step/max_steps"]).split("/")[0])
+            by_step[step] = {"step": step, "loss": float(row["loss"]),
+                             "learning_rate": float(row.get("learning_rate", "nan")),
+                             "token_acc": float(row.get("token_acc", "nan"))}
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def versions() -> dict:
+    out = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def train(args) -> dict:
+    arch = archs.get(args.arch)
+    gpu_line = check_gpus(args.gpus)
+    if not Path(args.dataset).is_file():
+        raise InputError(args.dataset, "training set not found")
+    n_rows = sum(1 for _ in open(args.dataset, encoding="utf-8"))
+    if n_rows == 0:
+        raise InputError(args.dataset, "training set is empty")
+    data_hash = sha256_file(Path(args.dataset))
+    fingerprint = {"command": swift_command(args, arch, args.scratch, None), "data_sha256": data_hash}
+    resume = prepare_scratch(args.scratch, fingerprint)
+    if resume is not None:
+        print(f"resuming from {resume}")
+    env = {**os.environ, **arch.env}
+    if args.gpus > 1:  # ms-swift's launcher runs torchrun with one process per GPU
+        env["NPROC_PER_NODE"] = str(args.gpus)
+    if args.max_pixels:  # Qwen2.5-VL's own resize reads it; harmless for the others
+        env["MAX_PIXELS"] = str(args.max_pixels)
+    cmd = swift_command(args, arch, args.scratch, resume)
+    print("$ " + " ".join(cmd), flush=True)
+    start = time.time()
+    proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"swift sft failed with exit code {proc.returncode}; checkpoints kept in {args.scratch}")
+    wall = time.time() - start
+    final = [c for c in checkpoints(args.scratch) if complete(c)]
+    if not final:
+        raise SystemExit(f"swift sft finished without a checkpoint in {args.scratch}")
+    final = final[-1]
+    curve = loss_curve(args.scratch / "logging.jsonl")
+    state = json.loads((final / "trainer_state.json").read_text())
+    steps_this_run = state.get("global_step", 0) - (int(resume.name.split("-")[1]) if resume else 0)
+    record = {
+        "arch": arch.name,
+        "base_model": str(args.model),
+        "dataset": str(args.dataset),
+        "dataset_rows": n_rows,
+        "dataset_sha256": data_hash,
+        "resumed_from": None if resume is None else resume.name,
+        "global_step": state.get("global_step"),
+        "max_steps": state.get("max_steps"),
+        "wall_seconds_this_run": round(wall, 2),
+        "seconds_per_step_this_run": round(wall / max(1, steps_this_run), 4),  # includes start-up
+        "devices": gpu_line,
+        "swift_command": cmd,
+        "swift_args": json.loads((args.scratch / "args.json").read_text()) if (args.scratch / "args.json").is_file() else None,
+        "loss_curve": curve,
+        "versions": versions(),
+        "adapter": (final / "adapter_config.json").is_file(),
+    }
+    with atomic_path(args.out, directory=True) as tmp:
+        for item in final.iterdir():
+            if item.name in STATE_FILES:
+                continue
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        (tmp / "training.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
+def add_recipe_arguments(p) -> None:
+    g = p.add_argument_group("recipe (defaults: the paper's, Sec. 4.1)")
+    g.add_argument("--tuner", choices=["lora", "full"], default="lora")
+    g.add_argument("--lora-rank", type=int, default=16)
+    g.add_argument("--lora-alpha", type=int, default=32)
+    g.add_argument("--train-vit", action=argparse.BooleanOptionalAction, default=True, help="LoRA on (or full training of) the ViT")
+    g.add_argument("--train-aligner", action=argparse.BooleanOptionalAction, default=True, help="train the cross-modal aligner")
+    g.add_argument("--modules-to-save", nargs="*", default=[], help="modules trained fully beside LoRA")
+    g.add_argument("--learning-rate", type=float, default=4e-5)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--warmup-ratio", type=float, default=0.03)
+    g.add_argument("--lr-scheduler", default="cosine")
+    g.add_argument("--epochs", type=float, default=1)
+    g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: the epochs decide)")
+    g.add_argument("--batch-size", type=int, default=8, help="per device")
+    g.add_argument("--grad-accum", type=int, default=1)
+    g.add_argument("--max-pixels", type=int, default=200704, help="image budget in pixels (paper: 200704)")
+    g.add_argument("--max-length", type=int, default=2048)
+    g.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--save-steps", type=int, default=200, help="checkpoint interval (resume granularity)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--workers", type=int, default=0, help="dataloader workers")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("train", help="fine-tune a backbone on an instruction set with swift sft",
+                              description=__doc__)
+    p.add_argument("--arch", required=True, help="qwen2_5_vl, internvl or ovis2")
+    p.add_argument("--model", type=Path, required=True, help="backbone folder (native transformers layout)")
+    p.add_argument("--dataset", type=Path, required=True, help="ms-swift jsonl from `imatch instructions`")
+    p.add_argument("--out", type=Path, required=True, help="folder receiving the final model and training.json")
+    p.add_argument("--scratch", type=Path, required=True, help="working folder for checkpoints (resume)")
+    p.add_argument("--gpus", type=int, default=0, help="GPUs this job asked for; fail if a different number is visible")
+    add_recipe_arguments(p)
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    record = train(args)
+    last = record["loss_curve"][-1]["loss"] if record["loss_curve"] else None
+    print(json.dumps({"global_step": record["global_step"], "final_loss": last, "wall_seconds": record["wall_seconds_this_run"]}))
+    return 0
