@@ -72,7 +72,7 @@ def test_all_three_architectures_train_and_score(workflow):
         for task in ("overall", "element"):
             record = json.loads((wd / "results" / "models" / name / f"{task}-r1" / "training.json").read_text())
             assert record["arch"] == arch and record["global_step"] == 2 and record["loss_curve"]
-            for split in ("holdout", "val", "test"):
+            for split in ("holdout", "val"):  # the splits the predictors are evaluated on
                 scores = pd.read_parquet(wd / "results" / "scores" / name / f"{task}-r1" / f"{split}.parquet")
                 assert len(scores) and np.allclose(np.stack(scores["probs"]).sum(axis=1), 1, atol=1e-5)
     levels = pd.read_parquet(wd / "results" / "element_levels" / "r1" / "val.parquet")
