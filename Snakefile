@@ -17,7 +17,6 @@ include: "workflow/rules/instructions.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/baseline.smk"
 include: "workflow/rules/evaluate.smk"
-include: "workflow/rules/report.smk"
 
 
 rule all:

@@ -6,12 +6,12 @@ import argparse
 import sys
 
 from imatch import (__version__, augment, backbone, baseline, demo_data, download, ensemble, evaluate, ingest,
-                    instructions, plots, predict, provenance, pseudo, score, submission, train)
+                    instructions, score, submission, train)
 from imatch.archs import ovis2_convert
 from imatch.errors import InputError
 
-STAGES = [download, demo_data, ingest, augment, instructions, backbone, ovis2_convert, train, score, ensemble, pseudo,
-          baseline, submission, evaluate, plots, predict, provenance]
+STAGES = [download, demo_data, ingest, augment, instructions, backbone, ovis2_convert, train, score, ensemble, baseline,
+          submission, evaluate]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,16 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
-        code = args.func(args)
+        return args.func(args)
     except InputError as exc:
         print(f"imatch {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    if code == 0:
-        provenance.record(args, argv)  # what the outputs were made from, for `imatch audit`
-    return code
 
 
 if __name__ == "__main__":

@@ -129,42 +129,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-pixels", type=int, default=200704, help="the same image budget as in training")
     p.add_argument("--blank-images", action="store_true", help="control: replace every image by a grey one")
     p.add_argument("--gpus", type=int, default=0, help="GPUs this job asked for; fail if a different number is visible")
-    p.add_argument("--shard", type=int, default=0, help="score only shard K (0-based) of --shards contiguous parts")
-    p.add_argument("--shards", type=int, default=1, help="number of shards the set is split into")
     p.set_defaults(func=_run)
-
-    g = subparsers.add_parser("gather-scores", help="concatenate the shards of a scored set, checking coverage",
-                              description=__doc__)
-    g.add_argument("shards", type=Path, nargs="+", help="shard parquets of one set")
-    g.add_argument("--instructions", type=Path, required=True, help="the instruction parquet that was scored")
-    g.add_argument("--out", type=Path, required=True)
-    g.set_defaults(func=_run_gather)
-
-
-def shard_of(table: pd.DataFrame, shard: int, shards: int) -> pd.DataFrame:
-    """Contiguous part `shard` of `shards` (deterministic: the set is sorted by id)."""
-    if not 0 <= shard < shards:
-        raise ValueError(f"shard {shard} is not in 0..{shards - 1}")
-    bounds = np.linspace(0, len(table), shards + 1).round().astype(int)
-    return table.iloc[bounds[shard]:bounds[shard + 1]]
-
-
-def gather(paths: list[Path], instructions: Path) -> pd.DataFrame:
-    parts = pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True)
-    expected = pd.read_parquet(instructions, columns=["id"])["id"]
-    if parts["id"].duplicated().any():
-        raise InputError(paths[0], "shards overlap", f"id={parts.loc[parts['id'].duplicated(), 'id'].iloc[0]!r}")
-    missing = sorted(set(expected) - set(parts["id"]))
-    if missing or len(parts) != len(expected):
-        raise InputError(instructions, f"shards cover {len(parts)} of {len(expected)} queries", f"e.g. id={missing[:1]}")
-    return parts.set_index("id").loc[expected].reset_index()[COLUMNS]
-
-
-def _run_gather(args) -> int:
-    out = gather(args.shards, args.instructions)
-    write_parquet(out, args.out)
-    print(json.dumps({"rows": len(out), "shards": len(args.shards)}))
-    return 0
 
 
 def _run(args) -> int:
@@ -183,7 +148,6 @@ def _run(args) -> int:
     table = pd.read_parquet(args.instructions)
     if table.empty:
         raise InputError(args.instructions, "no queries to score")
-    table = shard_of(table, args.shard, args.shards)
     tasks = set(table["task"])
     if len(tasks) != 1:
         raise InputError(args.instructions, f"expected one task, found {sorted(tasks)}")

@@ -108,14 +108,7 @@ def all_targets():
     targets = [f"{RESULTS}/metrics/summary.tsv", *instruction_targets()]
     for name in BACKBONES:
         for task in ("overall", "element"):
-            targets.append(f"{RESULTS}/models/{name}/{task}-{FINAL}")
-    for split in config["evaluate"]["splits"]:
-        targets += [
-            f"{RESULTS}/report/scatter_{split}.png",
-            f"{RESULTS}/report/categories_{split}.png",
-        ]
-    if BACKBONES:
-        targets.append(f"{RESULTS}/report/training_curves.png")
+            targets.append(f"{RESULTS}/models/{name}/{task}-{ROUND}")
     sub = config["submission"]
     targets.append(
         f"{RESULTS}/predictions/{sub['predictor']}/{sub['split']}/submission.zip"
@@ -184,9 +177,9 @@ def instruction_inputs(wildcards):
         aug = VARIANTS.augmentation_of(wildcards.train)
         if aug is not None:
             inputs["augmented"] = f"{RESULTS}/augment/{aug}/augmented.parquet"
-    elif "levels" in wildcards.keys():
+    elif "round" in wildcards.keys():
         inputs["element_levels"] = (
-            f"{RESULTS}/element_levels/{wildcards.levels}/{split}.parquet"
+            f"{RESULTS}/element_levels/{wildcards.round}/{split}.parquet"
         )
     elif VARIANTS.uses_element_levels(wildcards.query):
         raise ValueError(
@@ -215,25 +208,15 @@ def augment_flags(wildcards):
 
 # ---- backbones, fine-tuning and scoring ------------------------------------------------------
 BACKBONES = {b["name"]: b for b in config["backbones"]}
-BASELINES = ["prior", "text"]
-RESERVED = {*BASELINES, "ensemble", "ensemble-r1"}
-if (
-    len(BACKBONES) != len(config["backbones"])
-    or RESERVED & set(BACKBONES)
-    or any(n.startswith("blank-") for n in BACKBONES)
-):
-    raise ValueError(
-        f"config: backbone names must be unique, not start with 'blank-' and not be one of {sorted(RESERVED)}"
-    )
-FINAL = f"r{config['rounds']}"  # round 2 = trained again on train + pseudo-labelled val
+if len(BACKBONES) != len(config["backbones"]) or "prior" in BACKBONES:
+    raise ValueError("config: backbone names must be unique and must not be 'prior'")
+ROUND = "r1"
 
 
 wildcard_constraints:
     backbone="|".join(map(re.escape, BACKBONES)) or "(?!)",
     task="overall|element",
     round="r[0-9]+",
-    levels="r[0-9]+(-blank)?",
-    baseline="|".join(BASELINES),
 
 
 def backbone_dir(name):
@@ -297,73 +280,29 @@ def score_settings(name):
 def score_flags(wildcards):
     s = score_settings(wildcards.backbone)
     r = {**config["train"], **BACKBONES[wildcards.backbone]["recipe"]}
-    blank = " --blank-images" if wildcards.view == "blank" else ""
     return (
         f"--batch-size {s['batch_size']} --dtype {s['dtype']} --device {s['device']}"
-        f" --tau {s['tau']} --max-pixels {r['max_pixels']}{blank}"
+        f" --tau {s['tau']} --max-pixels {r['max_pixels']}"
     )
-
-
-def score_shards(wildcards):
-    """Every shard of one scored set: one cluster job each, then gathered."""
-    return [
-        f"{RESULTS}/scores/{wildcards.backbone}/{wildcards.task}-{wildcards.round}/shards/"
-        f"{wildcards.split}.{wildcards.view}.{k}.parquet"
-        for k in range(config["score"]["shards"])
-    ]
 
 
 def gpus():
     return config["resources"]["gpus"]
 
 
-def training_sets(wildcards):
-    """Round 1 trains on the training set; round n > 1 also on val pseudo-labelled by round n-1
-    (validation set augmentation, Eq. 8)."""
-    sets = [instruction_set(wildcards.task, "train").replace(".parquet", ".jsonl")]
-    previous = int(wildcards.round[1:]) - 1
-    if previous >= 1:
-        qname, _ = VARIANTS.add(wildcards.task, config["instructions"])
-        sets.append(f"{RESULTS}/instructions/{qname}/val.pseudo-r{previous}.jsonl")
-    return sets
-
-
-def uses_levels():
-    return VARIANTS.uses_element_levels(
-        VARIANTS.add("overall", config["instructions"])[0]
-    )
+def training_set(wildcards):
+    return instruction_set(wildcards.task, "train").replace(".parquet", ".jsonl")
 
 
 def scoring_set(wildcards):
     """The instruction set a model scores: overall queries state the element levels predicted
-    by this round's element models (grey-image ones for the blank control) when element
-    augmentation is on."""
+    by this round's element models when element augmentation is on."""
     path = instruction_set(wildcards.task, wildcards.split)
-    if wildcards.task == "overall" and uses_levels():
-        blank = "-blank" if wildcards.get("view") == "blank" else ""
-        path = path.replace(".parquet", f".levels-{wildcards.round}{blank}.parquet")
+    if wildcards.task == "overall" and VARIANTS.uses_element_levels(
+        VARIANTS.add("overall", config["instructions"])[0]
+    ):
+        path = path.replace(".parquet", f".levels-{wildcards.round}.parquet")
     return path
-
-
-def pseudo_inputs(wildcards):
-    """Pseudo-labelled val set of round n: labels from round n's ensemble, levels from its element models."""
-    inputs = {
-        "samples": f"{RESULTS}/pseudo/{wildcards.round}/samples.parquet",
-        "elements": f"{RESULTS}/pseudo/{wildcards.round}/elements.parquet",
-        "code": code("instructions"),
-    }
-    if VARIANTS.uses_element_levels(wildcards.query):
-        inputs["element_levels"] = (
-            f"{RESULTS}/element_levels/{wildcards.round}/val.parquet"
-        )
-    return inputs
-
-
-def pseudo_flags(wildcards, input):
-    flags = VARIANTS.query_flags(wildcards.query)
-    if "element_levels" in input.keys():
-        flags += f" --element-levels {input.element_levels}"
-    return flags
 
 
 def level_backbones():
@@ -377,10 +316,8 @@ def level_backbones():
 
 
 def element_level_scores(wildcards):
-    round_, _, blank = wildcards.levels.partition("-")
-    suffix = ".blank" if blank else ".seen"
     return [
-        f"{RESULTS}/scores/{name}/element-{round_}/{wildcards.split}{suffix}.parquet"
+        f"{RESULTS}/scores/{name}/element-{wildcards.round}/{wildcards.split}.parquet"
         for name in level_backbones()
     ]
 
@@ -399,118 +336,11 @@ def tau_of(wildcards):
     return score_settings(wildcards.backbone)["tau"]
 
 
-def members(names):
-    names = names or list(BACKBONES)
-    unknown = set(names) - set(BACKBONES)
-    if unknown:
-        raise ValueError(f"config: unknown backbones {sorted(unknown)}")
-    return names
-
-
-def model_predictor(name):
-    """(round, overall backbones, element backbones, blank images, weights) of a model predictor:
-    a backbone, `ensemble` (Fig. 6), `ensemble-r1` (labels val for round 2), or `blank-<one of
-    those>` (the same models scoring grey images: the control)."""
-    blank = name.startswith("blank-")
-    base = name.removeprefix("blank-")
-    if base in BACKBONES:
-        return FINAL, [base], [base], blank, "mean"
-    if base == "ensemble":
-        e = config["ensemble"]
-        return FINAL, members(e["overall"]), members(e["element"]), blank, e["weights"]
-    if base == "ensemble-r1":
-        names = members(config["pseudo_labels"]["from"])
-        return "r1", names, names, blank, "mean"
-    raise ValueError(f"unknown predictor {name!r}")
-
-
-MODEL_PREDICTORS = [
-    *BACKBONES,
-    "ensemble",
-    "ensemble-r1",
-    *(f"blank-{n}" for n in [*BACKBONES, "ensemble"]),
-]
-
-
-wildcard_constraints:
-    predictor="|".join(map(re.escape, [*BASELINES, *MODEL_PREDICTORS])),
-    model_predictor="|".join(map(re.escape, MODEL_PREDICTORS)),
-    view="seen|blank",
-    shard="[0-9]+",
-
-
-def predictor_scores(wildcards):
-    round_, overall, element, blank, weights = model_predictor(
-        wildcards.model_predictor
-    )
-    suffix = ".blank" if blank else ".seen"
-    split = wildcards.split
-    inputs = {
-        "overall": [
-            f"{RESULTS}/scores/{b}/overall-{round_}/{split}{suffix}.parquet"
-            for b in overall
-        ],
-        "element": [
-            f"{RESULTS}/scores/{b}/element-{round_}/{split}{suffix}.parquet"
-            for b in element
-        ],
-        "code": code("ensemble"),
-    }
-    # weights fitted on the labelled holdout never predict the holdout itself
-    if weights == "holdout" and split != "holdout":
-        inputs["weights"] = f"{RESULTS}/ensemble/{round_}/weights.json"
-    return inputs
-
-
-def weights_option(wildcards, input):
-    return f"--weights {input.weights}" if "weights" in input.keys() else ""
-
-
-def weight_inputs(wildcards):
-    _, overall, element, _, _ = model_predictor("ensemble")
-    r = wildcards.round
-    return {
-        "overall": [
-            f"{RESULTS}/scores/{b}/overall-{r}/holdout.seen.parquet" for b in overall
-        ],
-        "element": [
-            f"{RESULTS}/scores/{b}/element-{r}/holdout.seen.parquet" for b in element
-        ],
-        "samples": rules.ingest.output.samples,
-        "elements": rules.ingest.output.elements,
-        "code": code("ensemble"),
-    }
-
-
 def predictors():
     names = config["evaluate"]["predictors"]
-    unknown = set(names) - {*BASELINES, *MODEL_PREDICTORS}
+    unknown = set(names) - {"prior", *BACKBONES}
     if unknown:
         raise ValueError(
             f"config: evaluate.predictors names unknown predictors {sorted(unknown)}"
         )
     return names
-
-
-def report_predictions(wildcards):
-    return [
-        f"{RESULTS}/predictions/{p}/{wildcards.split}/predictions.parquet"
-        for p in predictors()
-    ]
-
-
-def report_element_predictions(wildcards):
-    return [
-        f"{RESULTS}/predictions/{p}/{wildcards.split}/element_predictions.parquet"
-        for p in predictors()
-    ]
-
-
-def training_records(wildcards):
-    rounds = [f"r{r}" for r in range(1, config["rounds"] + 1)]
-    return [
-        f"{RESULTS}/models/{b}/{task}-{r}"
-        for b in BACKBONES
-        for task in ("overall", "element")
-        for r in rounds
-    ]

@@ -70,7 +70,7 @@ rule backbone_convert_ovis2:
 rule train:
     input:
         backbone=backbone_input,
-        datasets=training_sets,
+        dataset=training_set,
         code=code("train"),
         arch=arch_code,
     output:
@@ -92,7 +92,7 @@ rule train:
         scratch=scratch_dir,
         recipe=recipe_flags,
     shell:
-        "imatch train --arch {params.arch} --model {params.base} --dataset {input.datasets}"
+        "imatch train --arch {params.arch} --model {params.base} --dataset {input.dataset}"
         " --out {output} --scratch {params.scratch} {params.recipe} --gpus {resources.gpu} > {log} 2>&1"
 
 
@@ -104,11 +104,11 @@ rule score:
         code=code("score"),
         arch=arch_code,
     output:
-        f"{RESULTS}/scores/{{backbone}}/{{task}}-{{round}}/shards/{{split}}.{{view}}.{{shard}}.parquet",
+        f"{RESULTS}/scores/{{backbone}}/{{task}}-{{round}}/{{split}}.parquet",
     log:
-        f"{RESULTS}/logs/score/{{backbone}}_{{task}}-{{round}}_{{split}}.{{view}}.{{shard}}.log",
+        f"{RESULTS}/logs/score/{{backbone}}_{{task}}-{{round}}_{{split}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/score/{{backbone}}_{{task}}-{{round}}_{{split}}.{{view}}.{{shard}}.tsv"
+        f"{RESULTS}/benchmarks/score/{{backbone}}_{{task}}-{{round}}_{{split}}.tsv"
     conda:
         "../../envs/imatch.yaml"
     threads: 2
@@ -120,29 +120,9 @@ rule score:
         arch=backbone_value("arch"),
         base=backbone_folder,
         flags=score_flags,
-        shards=config["score"]["shards"],
     shell:
         "imatch score-set --arch {params.arch} --model {input.model} --base {params.base}"
-        " --instructions {input.instructions} --out {output} {params.flags} --gpus {resources.gpu}"
-        " --shard {wildcards.shard} --shards {params.shards} > {log} 2>&1"
-
-
-rule gather_scores:
-    input:
-        shards=score_shards,
-        instructions=scoring_set,
-        code=code("score"),
-    output:
-        f"{RESULTS}/scores/{{backbone}}/{{task}}-{{round}}/{{split}}.{{view}}.parquet",
-    log:
-        f"{RESULTS}/logs/score/{{backbone}}_{{task}}-{{round}}_{{split}}.{{view}}.gather.log",
-    conda:
-        "../../envs/imatch.yaml"
-    resources:
-        mem_mb=2000,
-        runtime=10,
-    shell:
-        "imatch gather-scores {input.shards} --instructions {input.instructions} --out {output} > {log} 2>&1"
+        " --instructions {input.instructions} --out {output} {params.flags} --gpus {resources.gpu} > {log} 2>&1"
 
 
 rule element_levels:
@@ -150,9 +130,9 @@ rule element_levels:
         scores=element_level_scores,
         code=code("ensemble"),
     output:
-        f"{RESULTS}/element_levels/{{levels}}/{{split}}.parquet",
+        f"{RESULTS}/element_levels/{{round}}/{{split}}.parquet",
     log:
-        f"{RESULTS}/logs/element_levels/{{levels}}_{{split}}.log",
+        f"{RESULTS}/logs/element_levels/{{round}}_{{split}}.log",
     conda:
         "../../envs/imatch.yaml"
     resources:
@@ -164,60 +144,21 @@ rule element_levels:
 
 rule model_predictions:
     input:
-        unpack(predictor_scores),
+        overall=f"{RESULTS}/scores/{{backbone}}/overall-{ROUND}/{{split}}.parquet",
+        element=f"{RESULTS}/scores/{{backbone}}/element-{ROUND}/{{split}}.parquet",
+        code=code("ensemble"),
     output:
-        predictions=f"{RESULTS}/predictions/{{model_predictor}}/{{split}}/predictions.parquet",
-        elements=f"{RESULTS}/predictions/{{model_predictor}}/{{split}}/element_predictions.parquet",
+        predictions=f"{RESULTS}/predictions/{{backbone}}/{{split}}/predictions.parquet",
+        elements=f"{RESULTS}/predictions/{{backbone}}/{{split}}/element_predictions.parquet",
     log:
-        f"{RESULTS}/logs/predictions/{{model_predictor}}_{{split}}.log",
+        f"{RESULTS}/logs/predictions/{{backbone}}_{{split}}.log",
     conda:
         "../../envs/imatch.yaml"
     resources:
         mem_mb=2000,
         runtime=10,
     params:
-        tau=config["score"]["tau"],
-        weights=weights_option,
+        tau=tau_of,
     shell:
-        "imatch combine --overall {input.overall} --element {input.element} --tau {params.tau} {params.weights}"
+        "imatch combine --overall {input.overall} --element {input.element} --tau {params.tau}"
         " --out-predictions {output.predictions} --out-element-predictions {output.elements} > {log} 2>&1"
-
-
-rule ensemble_weights:
-    input:
-        unpack(weight_inputs),
-    output:
-        f"{RESULTS}/ensemble/{{round}}/weights.json",
-    log:
-        f"{RESULTS}/logs/ensemble_weights_{{round}}.log",
-    conda:
-        "../../envs/imatch.yaml"
-    resources:
-        mem_mb=2000,
-        runtime=10,
-    shell:
-        "imatch ensemble-weights --overall {input.overall} --element {input.element}"
-        " --samples {input.samples} --elements {input.elements} --out {output} > {log} 2>&1"
-
-
-rule pseudo_labels:
-    input:
-        samples=rules.ingest.output.samples,
-        elements=rules.ingest.output.elements,
-        predictions=f"{RESULTS}/predictions/ensemble-{{round}}/val/predictions.parquet",
-        element_predictions=f"{RESULTS}/predictions/ensemble-{{round}}/val/element_predictions.parquet",
-        code=code("pseudo"),
-    output:
-        samples=f"{RESULTS}/pseudo/{{round}}/samples.parquet",
-        elements=f"{RESULTS}/pseudo/{{round}}/elements.parquet",
-    log:
-        f"{RESULTS}/logs/pseudo_labels_{{round}}.log",
-    conda:
-        "../../envs/imatch.yaml"
-    resources:
-        mem_mb=2000,
-        runtime=10,
-    shell:
-        "imatch pseudo-labels --samples {input.samples} --elements {input.elements}"
-        " --predictions {input.predictions} --element-predictions {input.element_predictions}"
-        " --out-samples {output.samples} --out-elements {output.elements} > {log} 2>&1"
