@@ -24,6 +24,16 @@ class Arch:
     plugin: str | None = None  # module registering the model with ms-swift (--external_plugins)
 
 
+def save_backbone(out, model, processor) -> None:
+    """Write a built backbone in the layout transformers and ms-swift load from a folder."""
+    from pathlib import Path
+
+    out = Path(out)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+
+
 def get(name: str) -> Arch:
     from imatch.archs import internvl
 

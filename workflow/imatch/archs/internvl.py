@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from imatch.archs import Arch
+from imatch.archs import Arch, save_backbone
 from imatch.archs.tokenizer import train_bpe
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
@@ -65,10 +65,7 @@ def build(out: Path, size: str = "tiny", seed: int = 0) -> None:
     processor = InternVLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                   video_processor=InternVLVideoProcessor(), image_seq_length=image_seq_length,
                                   chat_template=tokenizer.chat_template)
-    out = Path(out)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    model.generation_config.save_pretrained(out)
+    save_backbone(out, model, processor)
 
 
 ARCH = Arch(

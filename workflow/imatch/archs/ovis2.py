@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from imatch.archs import Arch
+from imatch.archs import Arch, save_backbone
 
 IMAGE_TOKEN = "<IMG_ATOM>"
 # Order matters: the native model maps indicator i to visual-vocabulary row V - 5 + i.
@@ -113,10 +113,7 @@ def build(out: Path, size: str = "tiny", seed: int = 0) -> None:
     dtype = torch.float32 if size == "tiny" else torch.bfloat16
     model = Ovis2ForConditionalGeneration._from_config(config, dtype=dtype)
     processor = make_processor(tokenizer, image=spec["image"], max_patches=spec["max_patches"], seq_length=seq)
-    out = Path(out)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    model.generation_config.save_pretrained(out)
+    save_backbone(out, model, processor)
 
 
 ARCH = Arch(

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from imatch.archs import Arch
+from imatch.archs import Arch, save_backbone
 from imatch.archs.tokenizer import train_bpe
 
 MAX_PIXELS = 200704  # 256 tokens of 28x28 pixels
@@ -121,10 +121,7 @@ def build(out: Path, size: str = "tiny", seed: int = 0) -> None:
                                             temporal_patch_size=2, merge_size=2)
     processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tok,
                                     video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
-    out = Path(out)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    model.generation_config.save_pretrained(out)
+    save_backbone(out, model, processor)
 
 
 ARCH = Arch(
