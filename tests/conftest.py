@@ -30,6 +30,17 @@ def demo_folder(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def ingested(demo_zip, tmp_path_factory):
+    """(samples.parquet, elements.parquet) of the zip demo with every split labelled or listed."""
+    from imatch.ingest import ingest
+
+    out = tmp_path_factory.mktemp("ingested")
+    ingest(demo_zip, out, holdout_fraction=0.25, seed=0, eval_json=demo_zip / "eval.json",
+           final_test=demo_zip / "final_test.json")
+    return out / "samples.parquet", out / "elements.parquet"
+
+
 @pytest.fixture
 def source(tmp_path, demo_folder) -> Path:
     """A private, mutable copy of the folder-layout demo source."""

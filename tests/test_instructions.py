@@ -15,11 +15,8 @@ from imatch.variants import Registry
 
 
 @pytest.fixture(scope="module")
-def data(demo_zip, tmp_path_factory):
-    out = tmp_path_factory.mktemp("data")
-    ingest(demo_zip, out, holdout_fraction=0.25, seed=0, eval_json=demo_zip / "eval.json",
-           final_test=demo_zip / "final_test.json")
-    return out / "samples.parquet", out / "elements.parquet"
+def data(ingested):
+    return ingested
 
 
 @pytest.fixture(scope="module")

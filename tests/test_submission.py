@@ -13,11 +13,8 @@ from imatch.ingest import ingest
 
 
 @pytest.fixture(scope="module")
-def tables(demo_zip, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tables")
-    ingest(demo_zip, out, holdout_fraction=0.25, seed=0, eval_json=demo_zip / "eval.json",
-           final_test=demo_zip / "final_test.json")
-    return out / "samples.parquet", out / "elements.parquet"
+def tables(ingested):
+    return ingested
 
 
 def _predictions(tmp_path, samples, elements, split):
