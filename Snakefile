@@ -17,6 +17,8 @@ include: "workflow/rules/instructions.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/baseline.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+include: "workflow/rules/ablation.smk"
 
 
 rule all:

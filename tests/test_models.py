@@ -84,8 +84,9 @@ def train_and_score(backbone, train_set, tmp_path, steps, lr):
     scores = {}
     for blank in (False, True):
         out = tmp_path / f"scores{'-blank' if blank else ''}.parquet"
-        imatch("score-set", "--arch", "internvl", "--model", tmp_path / "model", "--instructions", parquet, "--out", out,
-               "--dtype", "float32", "--max-pixels", "16384", *(["--blank-images"] if blank else []))
+        imatch("score-set", "--arch", "internvl", "--model", tmp_path / "model",
+               "--blank-instructions" if blank else "--instructions", parquet, "--out", out,
+               "--dtype", "float32", "--max-pixels", "16384")
         scores[blank] = pd.read_parquet(out)
     return scores
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -20,6 +21,8 @@ SMALL = {
     "demo": {"train_prompts": 16, "val_prompts": 5, "test_prompts": 3, "image_size": 64},
     "ingest": {"holdout_fraction": 0.25},
     "train": {"max_steps": 2, "save_steps": 2},  # the three tiny backbones: wiring, not learning
+    "score": {"batch_size": 32, "dtype": "float32", "device": "cpu", "tau": 3, "shards": 2},
+    "evaluate": {"splits": ["holdout", "val"], "predictors": ["prior", "text", "ensemble", "blank-ensemble"]},
 }
 
 
@@ -62,7 +65,7 @@ def test_full_run_produces_metrics_and_submission(workflow):
     # the prior predicts one value per prompt type: on a split of one type SRCC is undefined (null)
     val = table[table["predictor"] == "prior"].set_index("split").loc["val"]
     assert 0 < val["final"] < 1 and val["final"] == pytest.approx(val["srcc"] / 4 + val["plcc"] / 4 + val["acc"] / 2, abs=2e-4)
-    assert (wd / "results" / "predictions" / "prior" / "test" / "submission.zip").is_file()
+    assert (wd / "results" / "predictions" / "ensemble" / "test" / "submission.zip").is_file()
     assert all((wd / "results" / "logs" / f).is_file() for f in ("demo_data.log", "ingest.log", "metrics_summary.log"))
 
 
@@ -70,15 +73,66 @@ def test_all_three_architectures_train_and_score(workflow):
     wd, _ = workflow
     for name, arch in [("tiny-internvl", "internvl"), ("tiny-qwen2_5_vl", "qwen2_5_vl"), ("tiny-ovis2", "ovis2")]:
         for task in ("overall", "element"):
-            record = json.loads((wd / "results" / "models" / name / f"{task}-r1" / "training.json").read_text())
-            assert record["arch"] == arch and record["global_step"] == 2 and record["loss_curve"]
-            for split in ("holdout", "val"):  # the splits the predictors are evaluated on
-                scores = pd.read_parquet(wd / "results" / "scores" / name / f"{task}-r1" / f"{split}.parquet")
-                assert len(scores) and np.allclose(np.stack(scores["probs"]).sum(axis=1), 1, atol=1e-5)
-    levels = pd.read_parquet(wd / "results" / "element_levels" / "r1" / "val.parquet")
+            for round_ in ("r1", "r2"):
+                record = json.loads((wd / "results" / "models" / name / f"{task}-{round_}" / "training.json").read_text())
+                assert record["arch"] == arch and record["global_step"] == 2 and record["loss_curve"]
+            # what the configured predictors need: round 1 labels val; round 2 is evaluated on
+            # holdout and val (also with grey images: blank-ensemble) and submits test
+            views = {"r1": {("val", "seen")},
+                     "r2": {("holdout", "seen"), ("val", "seen"), ("test", "seen"), ("holdout", "blank"), ("val", "blank")}}
+            for round_, wanted in views.items():
+                scores = pd.read_parquet(wd / "results" / "scores" / name / f"{task}-{round_}" / "scores.parquet")
+                assert set(zip(scores["split"], scores["view"])) == wanted
+                assert not scores.duplicated(["view", "id"]).any()
+                assert np.allclose(np.stack(scores["probs"]).sum(axis=1), 1, atol=1e-5)
+    levels = pd.read_parquet(wd / "results" / "element_levels" / "r2.parquet")
     assert levels["level"].between(1, 7).all()
+
+
+def test_round_two_trains_on_train_plus_pseudo_labelled_val(workflow):
+    wd, _ = workflow
+    samples = pd.read_parquet(wd / "results" / "data" / "samples.parquet")
+    pseudo = pd.read_parquet(wd / "results" / "pseudo" / "r1" / "samples.parquet")
+    assert len(pseudo) == (samples["split"] == "val").sum() and (pseudo["split"] == "val").all()
+    for task in ("overall", "element"):
+        r1 = json.loads((wd / "results" / "models" / "tiny-ovis2" / f"{task}-r1" / "training.json").read_text())
+        r2 = json.loads((wd / "results" / "models" / "tiny-ovis2" / f"{task}-r2" / "training.json").read_text())
+        assert len(r1["dataset"]) == 1 and len(r2["dataset"]) == 2 and "val.pseudo-r1" in r2["dataset"][1]
+        assert r2["dataset_rows"] > r1["dataset_rows"]
+
+
+def test_ensemble_controls_submission_and_report(workflow):
+    wd, _ = workflow
     table = pd.read_csv(wd / "results" / "metrics" / "summary.tsv", sep="\t")
-    assert set(table["predictor"]) == {"prior", "tiny-internvl", "tiny-qwen2_5_vl", "tiny-ovis2"}
+    assert set(table["predictor"]) == {"prior", "text", "ensemble", "blank-ensemble"}
+    ens = pd.read_parquet(wd / "results" / "predictions" / "ensemble" / "test" / "predictions.parquet")
+    samples = pd.read_parquet(wd / "results" / "data" / "samples.parquet")
+    assert sorted(ens["img_path"]) == sorted(samples.loc[samples["split"] == "test", "img_path"])
+    assert (wd / "results" / "predictions" / "ensemble" / "test" / "submission.zip").is_file()
+    for name in ("scatter_holdout.png", "scatter_val.png", "categories_val.png", "training_curves.png"):
+        assert (wd / "results" / "report" / name).stat().st_size > 1000
+
+
+def test_score_new_images_with_the_trained_ensemble(workflow, tmp_path):
+    wd, _ = workflow
+    samples = pd.read_parquet(wd / "results" / "data" / "samples.parquet")
+    test = samples[samples["split"] == "test"].head(3)
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = []
+    for i, r in enumerate(test.itertuples()):
+        shutil.copy(r.image, images / f"img{i}.png")
+        rows.append({"image": f"img{i}.png", "prompt": r.prompt, "elements": "red (color); circle (object)"})
+    pd.DataFrame(rows).to_csv(tmp_path / "prompts.csv", index=False)
+    proc = subprocess.run([sys.executable, "-m", "imatch", "score", "--images", str(images), "--prompts",
+                           str(tmp_path / "prompts.csv"), "--models", str(wd / "results"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, cwd=wd, env={**os.environ, "PYTHONPATH": str(wd / "workflow")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scores = pd.read_csv(tmp_path / "out" / "scores.csv")
+    assert list(scores["img_path"]) == ["img0.png", "img1.png", "img2.png"] and scores["total_score"].between(1, 5).all()
+    elements = pd.read_csv(tmp_path / "out" / "elements.csv")
+    assert len(elements) == 6 and elements["expected_level"].between(1, 7).all()
+    assert "img0.png" in (tmp_path / "out" / "summary.html").read_text()
 
 
 def test_second_run_has_nothing_to_do(workflow):
@@ -110,10 +164,14 @@ def test_instruction_sets_are_built(workflow):
     # overall sets of evaluated splits state element levels predicted by the element models
     # (element augmentation is on by default); there is no overall set without them
     assert sum(s.split("/")[1].startswith("train-") for s in overall) == 1
-    assert all(".levels-r" in s for s in overall if not s.split("/")[1].startswith("train-"))
-    assert any(s.endswith("/val.levels-r1.jsonl") for s in overall)
+    assert all(".levels-r" in s or ".pseudo-r" in s for s in overall if not s.split("/")[1].startswith("train-"))
+    assert {s.split("/")[1] for s in overall if ".levels-r" in s} == {
+        "val.levels-r1.jsonl", "holdout.levels-r2.jsonl", "val.levels-r2.jsonl", "test.levels-r2.jsonl",
+        "holdout.levels-r2-blank.jsonl", "val.levels-r2-blank.jsonl"}
+    # round 2 trains on val pseudo-labelled by round 1, in both tasks
+    assert sum(s.endswith("/val.pseudo-r1.jsonl") for s in sets) == 2
     assert sorted(s.split("/")[1].split("-")[0].removesuffix(".jsonl") for s in element) == [
-        "holdout", "test", "train", "val"]
+        "holdout", "test", "train", "val", "val.pseudo"]
 
 
 def planned_outputs(proc: subprocess.CompletedProcess) -> list[str]:
@@ -125,11 +183,18 @@ def test_flipping_a_switch_rebuilds_only_what_depends_on_it(workflow, tmp_path):
     off = tmp_path / "noaug.yaml"
     off.write_text(yaml.safe_dump({**SMALL, "instructions": {"overall": {"image_augmentation": False}}}))
     outputs = planned_outputs(snakemake(wd, "-n", configs=[off]))
-    sets = [o for o in outputs if "/instructions/" in o]
-    assert sets and all("/instructions/overall-" in o and "/train-" in o for o in sets)  # only the overall training set
+    sets = {o.split("/instructions/")[1] for o in outputs if "/instructions/" in o and o.endswith(".parquet")}
+    # the overall training set; val pseudo-labelled by the round-1 ensemble (whose overall part
+    # changed) in both tasks; round-2 overall sets, whose element levels come from the retrained
+    # round-2 element models. Nothing else: no element training set, no round-1 levels.
+    assert sum(s.startswith("overall-") and "/train-" in s for s in sets) == 1
+    assert not any(s.startswith("element-") and "/train-" in s for s in sets)
+    assert {s.split("/")[1] for s in sets if "pseudo" in s} == {"val.pseudo-r1.parquet"}
+    assert not any("levels-r1" in s for s in sets)
     models = [o for o in outputs if "/models/" in o]
-    assert len(models) == 3 and all(o.endswith("/overall-r1") for o in models)  # the overall models retrain
-    assert not any("/augment/" in o or "/element_levels/" in o or "/data/" in o for o in outputs)
+    assert sorted(o.rsplit("/", 1)[1] for o in models) == sorted(["overall-r1", "overall-r2", "element-r2"] * 3)
+    assert {o.split("/element_levels/")[1] for o in outputs if "/element_levels/" in o} == {"r2.parquet", "r2-blank.parquet"}
+    assert not any("/augment/" in o or "/data/" in o or "/backbones/" in o for o in outputs)
     typed = tmp_path / "notype.yaml"
     typed.write_text(yaml.safe_dump({**SMALL, "instructions": {"element": {"prompt_type": False}}}))
     outputs = planned_outputs(snakemake(wd, "-n", configs=[typed]))
@@ -140,6 +205,58 @@ def test_flipping_a_switch_rebuilds_only_what_depends_on_it(workflow, tmp_path):
     assert planned_jobs(snakemake(wd, "-n", configs=[small])) == set()
 
 
+def test_adding_a_backbone_trains_only_the_new_one(workflow, tmp_path):
+    """With the pseudo-label and element-level sources pinned, the existing models are kept."""
+    wd, _ = workflow
+    base = yaml.safe_load((wd / "config" / "config.yaml").read_text())
+    names = [b["name"] for b in base["backbones"]]
+    pinned = {**SMALL, "pseudo_labels": {"from": names}, "element_levels": {"from": names},
+              "ensemble": {"overall": names, "element": names, "weights": "mean"}}
+    before = tmp_path / "pinned.yaml"
+    before.write_text(yaml.safe_dump(pinned))
+    assert planned_jobs(snakemake(wd, "-n", configs=[before])) == set()  # pinning changes nothing
+    more = tmp_path / "more.yaml"
+    more.write_text(yaml.safe_dump({**pinned, "backbones": base["backbones"] + [
+        {"name": "tiny-internvl-b", "arch": "internvl", "source": "tiny", "seed": 1}]}))
+    models = [o for o in planned_outputs(snakemake(wd, "-n", configs=[more])) if "/models/" in o]
+    assert models and all("/models/tiny-internvl-b/" in o for o in models)
+
+
+def test_changing_one_learning_rate_retrains_that_backbone_first(workflow, tmp_path):
+    wd, _ = workflow
+    base = yaml.safe_load((wd / "config" / "config.yaml").read_text())
+    backbones = [dict(b, recipe={"learning_rate": 1e-3}) if b["name"] == "tiny-ovis2" else b for b in base["backbones"]]
+    changed = tmp_path / "lr.yaml"
+    changed.write_text(yaml.safe_dump({**SMALL, "backbones": backbones}))
+    models = [o for o in planned_outputs(snakemake(wd, "-n", configs=[changed])) if "/models/" in o]
+    round1 = [o for o in models if o.endswith("-r1")]
+    assert sorted(round1) == sorted(o for o in round1 if "/tiny-ovis2/" in o) and len(round1) == 2
+    # round 2 of the others retrains too, since the pseudo labels come from every round-1 model
+
+
+def test_ablation_rows_train_shared_variants_once_and_fill_the_tables(workflow, tmp_path):
+    """Table 4 rows that differ only in the QAlign read-out share one model; Table 5 rows train
+    element variants through the same rules; both tables come out with the judge's metrics."""
+    wd, small = workflow
+    rows = {"split": "holdout", "backbones": ["tiny-internvl"],
+            "overall": [{"qalign": q, "validation": False, "element_levels": False, "image_augmentation": False}
+                        for q in (False, True)],
+            "element": [{"prompt_type": False, "score_perturbation": False}]}
+    ablation = tmp_path / "ablation.yaml"
+    ablation.write_text(yaml.safe_dump({**SMALL, "ablation": rows}))
+    outputs = planned_outputs(snakemake(wd, "-n", configs=[ablation]))
+    trained = sorted(o.rsplit("/", 1)[1] for o in outputs if "/ablation/models/" in o)
+    assert len(trained) == 2 and trained[0].startswith("element-") and trained[0].endswith("-r2")
+    assert trained[1].startswith("overall-") and trained[1].endswith("-r1")
+    assert not any("/models/" in o and "/ablation/" not in o for o in outputs)  # the main models are kept
+    snakemake(wd, configs=[ablation])
+    overall = pd.read_csv(wd / "results" / "ablation" / "table_overall.tsv", sep="\t")
+    assert list(overall["qalign"]) == [False, True] and {"tiny-internvl srcc", "tiny-internvl plcc"} <= set(overall)
+    element = pd.read_csv(wd / "results" / "ablation" / "table_element.tsv", sep="\t")
+    assert element["tiny-internvl acc"].between(0, 1).all()
+    assert planned_jobs(snakemake(wd, "-n", configs=[ablation])) == set()
+
+
 def test_lint_is_clean(workflow):
     wd, small = workflow
     out = snakemake(wd, "--lint", configs=[small])
@@ -148,8 +265,16 @@ def test_lint_is_clean(workflow):
 
 def test_real_configuration_dry_runs(workflow):
     wd, _ = workflow
-    jobs = planned_jobs(snakemake(wd, "-n", configs=[wd / "config" / "evalmuse.yaml"]))
+    proc = snakemake(wd, "-n", "-p", configs=[wd / "config" / "evalmuse.yaml"])
+    jobs = planned_jobs(proc)
     assert {"download", "ingest", "evaluate", "submission"} <= jobs and "demo_data" not in jobs
+    # five backbones x two tasks x two rounds; the submitted ensemble: 5 overall and 4 element models
+    assert len([o for o in planned_outputs(proc) if "/models/" in o]) == 20
+    combine = next(line for line in (proc.stdout + proc.stderr).splitlines()
+                   if "imatch combine" in line and "predictions/ensemble/val/" in line)
+    overall, element = combine.split("--overall ")[1].split(" --element ")
+    assert overall.count("/overall-r2/scores.parquet") == 5
+    assert element.split(" --")[0].count("/element-r2/scores.parquet") == 4
 
 
 def test_report_builds(workflow, tmp_path):
@@ -164,6 +289,7 @@ def test_code_change_reruns_only_that_stage_and_downstream(workflow):
     module = wd / "workflow" / "imatch" / "evaluate.py"
     module.write_text(module.read_text() + "\n# an edit\n")
     jobs = planned_jobs(snakemake(wd, "-n", configs=[small]))
-    assert jobs == {"evaluate", "metrics_summary", "all"}
+    # the figures use the judge's hit threshold (imatch.plots imports imatch.evaluate)
+    assert jobs == {"evaluate", "metrics_summary", "plot_scatter", "plot_categories", "plot_curves", "all"}
     snakemake(wd, configs=[small])
     assert planned_jobs(snakemake(wd, "-n", configs=[small])) == set()

@@ -1,9 +1,11 @@
-"""Stage `baseline`: the prior predictor, a floor every trained model must beat.
+"""Stage `baseline`: predictors that never look at the image, floors every model must beat.
 
-It never looks at an image or reads a prompt: the total score is the training mean for the
-prompt's type (real/synthetic), an element's score is the training hit rate of its category
-(falling back to the overall hit rate for unseen categories). Its metrics show how much of a
-model's score is explained by label priors alone.
+- `prior`: the total score is the training mean for the prompt's type (real/synthetic), an
+  element's score the training hit rate of its category (the overall hit rate for unseen ones);
+- `text`: a text-only model fitted on the training labels: ridge regression of the total score on
+  the words of the prompt, logistic regression of an element's hit on the words of the prompt
+  and of the element key (scikit-learn). It reads everything the multimodal models read except
+  the image, so the gap between it and them is what the image contributes.
 """
 
 from __future__ import annotations
@@ -35,8 +37,39 @@ def prior_predictions(samples: pd.DataFrame, elements: pd.DataFrame, fit_split: 
     return pred.reset_index(drop=True), pred_el.reset_index(drop=True)
 
 
+def text_predictions(samples: pd.DataFrame, elements: pd.DataFrame, fit_split: str = "train", seed: int = 0):
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import LogisticRegression, Ridge
+
+    fit = samples[(samples["split"] == fit_split) & samples["total_score"].notna()]
+    words = CountVectorizer(token_pattern=r"[A-Za-z0-9]+", ngram_range=(1, 2), min_df=1, binary=True)
+    x_fit = words.fit_transform(fit["prompt"])
+    total = Ridge(alpha=1.0).fit(x_fit, fit["total_score"])
+    pred = samples[["img_path", "split"]].copy()
+    pred["total_score"] = total.predict(words.transform(samples["prompt"])).clip(1, 5).astype("float64")
+
+    el = elements.merge(samples[["img_path", "prompt", "split"]], on="img_path", validate="many_to_one")
+    text = el["prompt"] + " || " + el["element"]
+    keys = CountVectorizer(token_pattern=r"[A-Za-z0-9|]+", ngram_range=(1, 2), binary=True)
+    train_el = (el["split"] == fit_split) & el["score"].notna()
+    x_el = keys.fit_transform(text[train_el])
+    hits = (el.loc[train_el, "score"] >= 0.5).astype(int)
+    pred_el = elements[["img_path", "element"]].copy()
+    if hits.nunique() < 2:  # one class only: predict it
+        pred_el["score"] = float(hits.iloc[0]) if len(hits) else 0.0
+    else:
+        clf = LogisticRegression(C=1.0, max_iter=2000, random_state=seed).fit(x_el, hits)
+        pred_el["score"] = clf.predict_proba(keys.transform(text))[:, 1]
+    return pred.reset_index(drop=True), pred_el.reset_index(drop=True)
+
+
+PREDICTORS = {"prior": prior_predictions, "text": text_predictions}
+
+
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("baseline", help="prior predictor (no image, no prompt text)", description=__doc__)
+    p = subparsers.add_parser("baseline", help="predictors without the image (prior, text-only)",
+                              description=__doc__)
+    p.add_argument("--predictor", choices=sorted(PREDICTORS), default="prior")
     p.add_argument("--samples", type=Path, required=True)
     p.add_argument("--elements", type=Path, required=True)
     p.add_argument("--split", help="write predictions of this split only (default: all)")
@@ -48,9 +81,9 @@ def add_parser(subparsers) -> None:
 def _run(args) -> int:
     samples = pd.read_parquet(args.samples)
     elements = pd.read_parquet(args.elements)
-    pred, pred_el = prior_predictions(samples, elements)
+    pred, pred_el = PREDICTORS[args.predictor](samples, elements)
     if len(pred) != len(samples) or len(pred_el) != len(elements):
-        raise AssertionError("prior baseline changed the row count")  # internal invariant
+        raise AssertionError(f"{args.predictor} baseline changed the row count")  # internal invariant
     if args.split:
         pred = pred[pred["split"] == args.split].reset_index(drop=True)
         pred_el = pred_el[pred_el["img_path"].isin(pred["img_path"])].reset_index(drop=True)

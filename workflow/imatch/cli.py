@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from imatch import (__version__, augment, backbone, baseline, demo_data, download, ensemble, evaluate, ingest,
-                    instructions, score, submission, train)
+from imatch import (__version__, ablation, augment, backbone, baseline, demo_data, download, ensemble, evaluate, ingest,
+                    instructions, plots, predict, provenance, pseudo, score, submission, train)
 from imatch.archs import ovis2_convert
 from imatch.errors import InputError
 
-STAGES = [download, demo_data, ingest, augment, instructions, backbone, ovis2_convert, train, score, ensemble, baseline,
-          submission, evaluate]
+STAGES = [download, demo_data, ingest, augment, instructions, backbone, ovis2_convert, train, score, ensemble, pseudo,
+          baseline, submission, evaluate, ablation, plots, predict, provenance]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,12 +26,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
     except InputError as exc:
         print(f"imatch {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    if code == 0:
+        provenance.record(args, argv)  # what the outputs were made from, for `imatch audit`
+    return code
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 def build_manifest(root: Path, *, exclude=(MANIFEST,)) -> list[dict]:
     files = sorted(
         p for p in root.rglob("*")
-        if p.is_file() and p.name not in exclude and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        if p.is_file() and p.name not in exclude and not p.name.endswith(".prov.json")
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
     return [
         {"path": p.relative_to(root).as_posix(), "size": p.stat().st_size, "sha256": sha256_file(p)}

@@ -155,20 +155,44 @@ def evaluate(gt_path: Path, pred_path: Path) -> dict:
     return score(load_official(gt_path), load_official(pred_path), gt_path=str(gt_path), pred_path=str(pred_path))
 
 
+def evaluate_predictors(gt: Path, samples: Path, elements: Path, split: str, predictions: list[Path]) -> dict:
+    """Metrics of several predictors on one labelled split. Each predictions table
+    (`<predictor>/<split>/predictions.parquet`, element_predictions.parquet beside it) goes through
+    the official submission format and the judge above, exactly as `submission` + `evaluate` would."""
+    import tempfile
+
+    from imatch.submission import submission
+
+    metrics = {}
+    with tempfile.TemporaryDirectory(prefix="imatch-eval-") as tmp:
+        for path in map(Path, predictions):
+            name = path.parent.parent.name
+            if path.parent.name != split:
+                raise InputError(path, f"is not a prediction of the {split} split")
+            if name in metrics:
+                raise InputError(path, f"predictor {name!r} given twice")
+            zipped = Path(tmp) / f"{name}.zip"
+            submission(samples, elements, split, path, path.with_name("element_predictions.parquet"), zipped,
+                       runtime=0.0, cpu=0, extra_data=0, llm=1, description=name)
+            metrics[name] = evaluate(gt, zipped)
+    return {"split": split, "predictors": metrics}
+
+
 def metrics_table(paths: list[Path]) -> "pd.DataFrame":
-    """Collect `<...>/metrics/<predictor>/<split>.json` files into one table."""
+    """Collect `<...>/metrics/<split>.json` files (one entry per predictor) into one table."""
     import pandas as pd
 
     rows = []
     for path in map(Path, paths):
-        rows.append({"predictor": path.parent.name, "split": path.stem, **json.loads(path.read_text())})
+        data = json.loads(path.read_text())
+        rows += [{"predictor": name, "split": data["split"], **m} for name, m in data["predictors"].items()]
     return pd.DataFrame(rows).sort_values(["split", "predictor"], kind="stable").reset_index(drop=True)
 
 
 def add_parser(subparsers) -> None:
     t = subparsers.add_parser("metrics-table", help="collect metrics JSON files into one TSV table",
                               description=metrics_table.__doc__)
-    t.add_argument("metrics", type=Path, nargs="+", help="metrics/<predictor>/<split>.json files")
+    t.add_argument("metrics", type=Path, nargs="+", help="metrics/<split>.json files")
     t.add_argument("--out", type=Path, required=True, help="TSV to write")
     t.set_defaults(func=_run_table)
 
@@ -178,6 +202,16 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", type=Path, help="also write the metrics JSON here")
     p.set_defaults(func=_run)
 
+    m = subparsers.add_parser("evaluate-predictors", help="metrics of several predictors on one labelled split",
+                              description=evaluate_predictors.__doc__)
+    m.add_argument("predictions", type=Path, nargs="+", help="<predictor>/<split>/predictions.parquet files")
+    m.add_argument("--gt", type=Path, required=True, help="ground truth of the split (official format)")
+    m.add_argument("--samples", type=Path, required=True, help="samples.parquet from ingest")
+    m.add_argument("--elements", type=Path, required=True, help="elements.parquet from ingest")
+    m.add_argument("--split", required=True)
+    m.add_argument("--out", type=Path, required=True, help="metrics JSON: {split, predictors: {name: metrics}}")
+    m.set_defaults(func=_run_predictors)
+
 
 def _run_table(args) -> int:
     from imatch.atomic import write_text
@@ -185,6 +219,13 @@ def _run_table(args) -> int:
     table = metrics_table(args.metrics)
     write_text(table.to_csv(sep="\t", index=False, float_format="%.4f"), args.out)
     print(table.to_string(index=False))
+    return 0
+
+
+def _run_predictors(args) -> int:
+    metrics = evaluate_predictors(args.gt, args.samples, args.elements, args.split, args.predictions)
+    write_json(metrics, args.out)
+    print(json.dumps(metrics))
     return 0
 
 

@@ -78,7 +78,7 @@ def swift_command(args, arch: archs.Arch, output_dir: Path, resume: Path | None)
         # ms-swift's launcher starts torchrun itself when NPROC_PER_NODE asks for several GPUs
         sys.executable, "-m", "swift.cli.main", "sft",
         "--model", str(args.model), "--model_type", arch.swift_model_type, "--template", arch.swift_template,
-        "--check_model", "false", "--dataset", str(args.dataset), "--split_dataset_ratio", "0",
+        "--check_model", "false", "--dataset", *map(str, args.dataset), "--split_dataset_ratio", "0",
         "--strict", "true", "--output_dir", str(output_dir), "--add_version", "false",
         "--report_to", "none", "--dataloader_num_workers", str(args.workers), "--dataset_num_proc", "1",
         *recipe_flags(args),
@@ -141,12 +141,15 @@ def versions() -> dict:
 def train(args) -> dict:
     arch = archs.get(args.arch)
     gpu_line = check_gpus(args.gpus)
-    if not Path(args.dataset).is_file():
-        raise InputError(args.dataset, "training set not found")
-    n_rows = sum(1 for _ in open(args.dataset, encoding="utf-8"))
-    if n_rows == 0:
-        raise InputError(args.dataset, "training set is empty")
-    data_hash = sha256_file(Path(args.dataset))
+    n_rows = 0
+    for dataset in args.dataset:
+        if not Path(dataset).is_file():
+            raise InputError(dataset, "training set not found")
+        rows = sum(1 for _ in open(dataset, encoding="utf-8"))
+        if rows == 0:
+            raise InputError(dataset, "training set is empty")
+        n_rows += rows
+    data_hash = [sha256_file(Path(d)) for d in args.dataset]
     fingerprint = {"command": swift_command(args, arch, args.scratch, None), "data_sha256": data_hash}
     resume = prepare_scratch(args.scratch, fingerprint)
     if resume is not None:
@@ -156,6 +159,8 @@ def train(args) -> dict:
         env["NPROC_PER_NODE"] = str(args.gpus)
     if args.max_pixels:  # Qwen2.5-VL's own resize reads it; harmless for the others
         env["MAX_PIXELS"] = str(args.max_pixels)
+    if args.threads:  # torch's CPU threads in the swift process: the cores this job was given
+        env["OMP_NUM_THREADS"] = str(args.threads)
     cmd = swift_command(args, arch, args.scratch, resume)
     print("$ " + " ".join(cmd), flush=True)
     start = time.time()
@@ -173,7 +178,7 @@ def train(args) -> dict:
     record = {
         "arch": arch.name,
         "base_model": str(args.model),
-        "dataset": str(args.dataset),
+        "dataset": [str(d) for d in args.dataset],
         "dataset_rows": n_rows,
         "dataset_sha256": data_hash,
         "resumed_from": None if resume is None else resume.name,
@@ -227,10 +232,12 @@ def add_parser(subparsers) -> None:
                               description=__doc__)
     p.add_argument("--arch", required=True, help="qwen2_5_vl, internvl or ovis2")
     p.add_argument("--model", type=Path, required=True, help="backbone folder (native transformers layout)")
-    p.add_argument("--dataset", type=Path, required=True, help="ms-swift jsonl from `imatch instructions`")
+    p.add_argument("--dataset", type=Path, nargs="+", required=True,
+                   help="ms-swift jsonl file(s) from `imatch instructions` (round 2: train + pseudo-labelled val)")
     p.add_argument("--out", type=Path, required=True, help="folder receiving the final model and training.json")
     p.add_argument("--scratch", type=Path, required=True, help="working folder for checkpoints (resume)")
     p.add_argument("--gpus", type=int, default=0, help="GPUs this job asked for; fail if a different number is visible")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: its default, every core)")
     add_recipe_arguments(p)
     p.set_defaults(func=_run)
 

@@ -1,21 +1,22 @@
 # Predictors that need no training: the floor trained models are compared against.
 
 
-rule baseline_prior:
+rule baseline:
     input:
         samples=rules.ingest.output.samples,
         elements=rules.ingest.output.elements,
         code=code("baseline"),
     output:
-        predictions=f"{RESULTS}/predictions/prior/{{split}}/predictions.parquet",
-        elements=f"{RESULTS}/predictions/prior/{{split}}/element_predictions.parquet",
+        predictions=f"{RESULTS}/predictions/{{baseline}}/{{split}}/predictions.parquet",
+        elements=f"{RESULTS}/predictions/{{baseline}}/{{split}}/element_predictions.parquet",
     log:
-        f"{RESULTS}/logs/baseline_prior/{{split}}.log",
+        f"{RESULTS}/logs/baseline/{{baseline}}_{{split}}.log",
     conda:
         "../../envs/imatch.yaml"
     resources:
         mem_mb=2000,
         runtime=10,
     shell:
-        "imatch baseline --samples {input.samples} --elements {input.elements} --split {wildcards.split}"
+        "imatch baseline --predictor {wildcards.baseline} --samples {input.samples} --elements {input.elements}"
+        " --split {wildcards.split}"
         " --out-predictions {output.predictions} --out-element-predictions {output.elements} > {log} 2>&1"

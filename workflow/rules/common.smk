@@ -1,5 +1,7 @@
 # Config validation and the input functions shared by all rules (no rules here).
 import ast
+import copy
+import json
 import re
 import sys
 from pathlib import Path
@@ -108,12 +110,19 @@ def all_targets():
     targets = [f"{RESULTS}/metrics/summary.tsv", *instruction_targets()]
     for name in BACKBONES:
         for task in ("overall", "element"):
-            targets.append(f"{RESULTS}/models/{name}/{task}-{ROUND}")
+            targets.append(f"{RESULTS}/models/{name}/{task}-{FINAL}")
+    for split in config["evaluate"]["splits"]:
+        targets += [
+            f"{RESULTS}/report/scatter_{split}.png",
+            f"{RESULTS}/report/categories_{split}.png",
+        ]
+    if BACKBONES:
+        targets.append(f"{RESULTS}/report/training_curves.png")
     sub = config["submission"]
     targets.append(
         f"{RESULTS}/predictions/{sub['predictor']}/{sub['split']}/submission.zip"
     )
-    return targets
+    return targets + ablation_targets()
 
 
 # ---- instruction sets (names are hashes of their settings: see imatch/variants.py) -----------
@@ -177,9 +186,9 @@ def instruction_inputs(wildcards):
         aug = VARIANTS.augmentation_of(wildcards.train)
         if aug is not None:
             inputs["augmented"] = f"{RESULTS}/augment/{aug}/augmented.parquet"
-    elif "round" in wildcards.keys():
+    elif "levels" in wildcards.keys():
         inputs["element_levels"] = (
-            f"{RESULTS}/element_levels/{wildcards.round}/{split}.parquet"
+            f"{RESULTS}/element_levels/{wildcards.levels}.parquet"
         )
     elif VARIANTS.uses_element_levels(wildcards.query):
         raise ValueError(
@@ -208,15 +217,25 @@ def augment_flags(wildcards):
 
 # ---- backbones, fine-tuning and scoring ------------------------------------------------------
 BACKBONES = {b["name"]: b for b in config["backbones"]}
-if len(BACKBONES) != len(config["backbones"]) or "prior" in BACKBONES:
-    raise ValueError("config: backbone names must be unique and must not be 'prior'")
-ROUND = "r1"
+BASELINES = ["prior", "text"]
+RESERVED = {*BASELINES, "ensemble", "ensemble-r1"}
+if (
+    len(BACKBONES) != len(config["backbones"])
+    or RESERVED & set(BACKBONES)
+    or any(n.startswith("blank-") for n in BACKBONES)
+):
+    raise ValueError(
+        f"config: backbone names must be unique, not start with 'blank-' and not be one of {sorted(RESERVED)}"
+    )
+FINAL = f"r{config['rounds']}"  # round 2 = trained again on train + pseudo-labelled val
 
 
 wildcard_constraints:
     backbone="|".join(map(re.escape, BACKBONES)) or "(?!)",
     task="overall|element",
     round="r[0-9]+",
+    levels="r[0-9]+(-blank)?",
+    baseline="|".join(BASELINES),
 
 
 def backbone_dir(name):
@@ -286,23 +305,125 @@ def score_flags(wildcards):
     )
 
 
+def scored_views(round_):
+    """(split, view) pairs the models of a round score: what the evaluated and submitted
+    predictors of that round need, the holdout for fitted weights, and val for the next round's
+    pseudo labels. Grey-image (`blank`) views only for `blank-*` predictors."""
+    sub = config["submission"]
+    demands = [(p, s) for p in predictors() for s in config["evaluate"]["splits"]]
+    demands.append((sub["predictor"], sub["split"]))
+    needed = set()
+    for name, split in demands:
+        if name in BASELINES:
+            continue
+        r, _, _, blank, weights = model_predictor(name)
+        if r == round_:
+            needed.add((split, "blank" if blank else "seen"))
+            if weights == "holdout" and split != "holdout":
+                needed.add(("holdout", "seen"))
+    if int(round_[1:]) < config["rounds"] or (
+        round_ == "r1" and ablation_needs_pseudo()
+    ):
+        needed.add(("val", "seen"))
+    if (
+        round_ in ablation_level_rounds()
+    ):  # element levels of the ablation split's queries
+        needed.add((config["ablation"]["split"], "seen"))
+    return sorted(needed)
+
+
+def scoring_set(task, split, round_, view):
+    """The instruction set a model scores: overall queries state the element levels predicted
+    by this round's element models (grey-image ones for the blank view) when element
+    augmentation is on."""
+    path = instruction_set(task, split)
+    if task == "overall" and uses_levels():
+        blank = "-blank" if view == "blank" else ""
+        path = path.replace(".parquet", f".levels-{round_}{blank}.parquet")
+    return path
+
+
+def scoring_sets(wildcards):
+    """{view: instruction sets} one model scores."""
+    sets = {"seen": [], "blank": []}
+    for split, view in scored_views(wildcards.round):
+        sets[view].append(scoring_set(wildcards.task, split, wildcards.round, view))
+    return sets
+
+
+def score_inputs(wildcards):
+    return {
+        "model": f"{RESULTS}/models/{wildcards.backbone}/{wildcards.task}-{wildcards.round}",
+        "backbone": backbone_input(wildcards),
+        "code": code("score"),
+        "arch": arch_code(wildcards),
+        **scoring_sets(wildcards),
+    }
+
+
+def set_options(wildcards, input):
+    """--instructions / --blank-instructions, each only when it has sets."""
+    return " ".join(
+        f"--{flag} {' '.join(input[view])}"
+        for view, flag in (("seen", "instructions"), ("blank", "blank-instructions"))
+        if input[view]
+    )
+
+
+def gather_inputs(wildcards):
+    return {
+        "shards": [
+            f"{RESULTS}/scores/{wildcards.backbone}/{wildcards.task}-{wildcards.round}/shards/{k}.parquet"
+            for k in range(config["score"]["shards"])
+        ],
+        "code": code("score"),
+        **scoring_sets(wildcards),
+    }
+
+
+def scores_of(backbone, task, round_):
+    """One model's scores: every set and view it scored, in one table."""
+    return f"{RESULTS}/scores/{backbone}/{task}-{round_}/scores.parquet"
+
+
 def gpus():
     return config["resources"]["gpus"]
 
 
-def training_set(wildcards):
-    return instruction_set(wildcards.task, "train").replace(".parquet", ".jsonl")
+def training_sets(wildcards):
+    """Round 1 trains on the training set; round n > 1 also on val pseudo-labelled by round n-1
+    (validation set augmentation, Eq. 8)."""
+    sets = [instruction_set(wildcards.task, "train").replace(".parquet", ".jsonl")]
+    previous = int(wildcards.round[1:]) - 1
+    if previous >= 1:
+        qname, _ = VARIANTS.add(wildcards.task, config["instructions"])
+        sets.append(f"{RESULTS}/instructions/{qname}/val.pseudo-r{previous}.jsonl")
+    return sets
 
 
-def scoring_set(wildcards):
-    """The instruction set a model scores: overall queries state the element levels predicted
-    by this round's element models when element augmentation is on."""
-    path = instruction_set(wildcards.task, wildcards.split)
-    if wildcards.task == "overall" and VARIANTS.uses_element_levels(
+def uses_levels():
+    return VARIANTS.uses_element_levels(
         VARIANTS.add("overall", config["instructions"])[0]
-    ):
-        path = path.replace(".parquet", f".levels-{wildcards.round}.parquet")
-    return path
+    )
+
+
+def pseudo_inputs(wildcards):
+    """Pseudo-labelled val set of round n: labels from round n's ensemble, levels from its element models."""
+    inputs = {
+        "samples": f"{RESULTS}/pseudo/{wildcards.round}/samples.parquet",
+        "elements": f"{RESULTS}/pseudo/{wildcards.round}/elements.parquet",
+        "code": code("instructions"),
+    }
+    if VARIANTS.uses_element_levels(wildcards.query):
+        inputs["element_levels"] = f"{RESULTS}/element_levels/{wildcards.round}.parquet"
+    return inputs
+
+
+def pseudo_flags(wildcards, input):
+    flags = VARIANTS.query_flags(wildcards.query)
+    if "element_levels" in input.keys():
+        flags += f" --element-levels {input.element_levels}"
+    return flags
 
 
 def level_backbones():
@@ -316,10 +437,12 @@ def level_backbones():
 
 
 def element_level_scores(wildcards):
-    return [
-        f"{RESULTS}/scores/{name}/element-{wildcards.round}/{wildcards.split}.parquet"
-        for name in level_backbones()
-    ]
+    round_ = wildcards.levels.partition("-")[0]
+    return [scores_of(name, "element", round_) for name in level_backbones()]
+
+
+def levels_view(wildcards):
+    return "blank" if wildcards.levels.endswith("-blank") else "seen"
 
 
 def input_dir(wildcards, input):
@@ -336,11 +459,218 @@ def tau_of(wildcards):
     return score_settings(wildcards.backbone)["tau"]
 
 
+def members(names):
+    names = names or list(BACKBONES)
+    unknown = set(names) - set(BACKBONES)
+    if unknown:
+        raise ValueError(f"config: unknown backbones {sorted(unknown)}")
+    return names
+
+
+def model_predictor(name):
+    """(round, overall backbones, element backbones, blank images, weights) of a model predictor:
+    a backbone, `ensemble` (Fig. 6), `ensemble-r1` (labels val for round 2), or `blank-<one of
+    those>` (the same models scoring grey images: the control)."""
+    blank = name.startswith("blank-")
+    base = name.removeprefix("blank-")
+    if base in BACKBONES:
+        return FINAL, [base], [base], blank, "mean"
+    if base == "ensemble":
+        e = config["ensemble"]
+        return FINAL, members(e["overall"]), members(e["element"]), blank, e["weights"]
+    if base == "ensemble-r1":
+        names = members(config["pseudo_labels"]["from"])
+        return "r1", names, names, blank, "mean"
+    raise ValueError(f"unknown predictor {name!r}")
+
+
+MODEL_PREDICTORS = [
+    *BACKBONES,
+    "ensemble",
+    "ensemble-r1",
+    *(f"blank-{n}" for n in [*BACKBONES, "ensemble"]),
+]
+
+
+wildcard_constraints:
+    predictor="|".join(map(re.escape, [*BASELINES, *MODEL_PREDICTORS])),
+    model_predictor="|".join(map(re.escape, MODEL_PREDICTORS)),
+    view="seen|blank",
+    shard="[0-9]+",
+
+
+def predictor_scores(wildcards):
+    round_, overall, element, blank, weights = model_predictor(
+        wildcards.model_predictor
+    )
+    inputs = {
+        "overall": [scores_of(b, "overall", round_) for b in overall],
+        "element": [scores_of(b, "element", round_) for b in element],
+        "code": code("ensemble"),
+    }
+    # weights fitted on the labelled holdout never predict the holdout itself
+    if weights == "holdout" and wildcards.split != "holdout":
+        inputs["weights"] = f"{RESULTS}/ensemble/{round_}/weights.json"
+    return inputs
+
+
+def predictor_view(wildcards):
+    return "blank" if model_predictor(wildcards.model_predictor)[3] else "seen"
+
+
+def weights_option(wildcards, input):
+    return f"--weights {input.weights}" if "weights" in input.keys() else ""
+
+
+def weight_inputs(wildcards):
+    _, overall, element, _, _ = model_predictor("ensemble")
+    return {
+        "overall": [scores_of(b, "overall", wildcards.round) for b in overall],
+        "element": [scores_of(b, "element", wildcards.round) for b in element],
+        "samples": rules.ingest.output.samples,
+        "elements": rules.ingest.output.elements,
+        "code": code("ensemble"),
+    }
+
+
 def predictors():
     names = config["evaluate"]["predictors"]
-    unknown = set(names) - {"prior", *BACKBONES}
+    unknown = set(names) - {*BASELINES, *MODEL_PREDICTORS}
     if unknown:
         raise ValueError(
             f"config: evaluate.predictors names unknown predictors {sorted(unknown)}"
         )
     return names
+
+
+def report_predictions(wildcards):
+    return [
+        f"{RESULTS}/predictions/{p}/{wildcards.split}/predictions.parquet"
+        for p in predictors()
+    ]
+
+
+def report_element_predictions(wildcards):
+    return [
+        f"{RESULTS}/predictions/{p}/{wildcards.split}/element_predictions.parquet"
+        for p in predictors()
+    ]
+
+
+def training_records(wildcards):
+    rounds = [f"r{r}" for r in range(1, config["rounds"] + 1)]
+    return [
+        f"{RESULTS}/models/{b}/{task}-{r}"
+        for b in BACKBONES
+        for task in ("overall", "element")
+        for r in rounds
+    ]
+
+
+# ---- ablation rows (paper Tables 4 and 5; rules in ablation.smk) ----------------------------
+ABLATION = config["ablation"]
+
+
+def ablation_variant(task, row):
+    """(model name, round) of an ablation row: the instruction set names of its settings (rows
+    with equal settings share a model) and round 2 when it uses the pseudo-labelled val.
+    """
+    cfg = copy.deepcopy(config["instructions"])
+    if task == "overall":
+        cfg["overall"]["element_levels"] = row["element_levels"]
+        cfg["overall"]["image_augmentation"] = row["image_augmentation"]
+        round_ = "r2" if row["validation"] else "r1"
+    else:
+        cfg["element"]["prompt_type"] = row["prompt_type"]
+        cfg["element"]["score_perturbation"]["enabled"] = row["score_perturbation"]
+        round_ = FINAL
+    qname, tname = VARIANTS.add(task, cfg)
+    return f"{qname}.{tname}", round_
+
+
+ABLATION_MODELS = {
+    task: [ablation_variant(task, row) for row in ABLATION[task]]
+    for task in ("overall", "element")
+}
+
+
+def ablation_needs_pseudo():
+    return any(r == "r2" for models in ABLATION_MODELS.values() for _, r in models)
+
+
+def ablation_level_rounds():
+    return {
+        r
+        for v, r in ABLATION_MODELS["overall"]
+        if VARIANTS.uses_element_levels(v.split(".")[0])
+    }
+
+
+wildcard_constraints:
+    variant="(overall|element)-[0-9a-f]{8}\.[0-9a-f]{8}",
+
+
+def ablation_sets(wildcards):
+    qname, tname = wildcards.variant.split(".")
+    sets = [f"{RESULTS}/instructions/{qname}/train-{tname}.jsonl"]
+    if wildcards.round == "r2":
+        sets.append(f"{RESULTS}/instructions/{qname}/val.pseudo-r1.jsonl")
+    return sets
+
+
+def ablation_scoring_sets(wildcards):
+    qname = wildcards.variant.split(".")[0]
+    name = ABLATION["split"]
+    if VARIANTS.uses_element_levels(qname):
+        name += f".levels-{wildcards.round}"
+    return {"seen": [f"{RESULTS}/instructions/{qname}/{name}.parquet"], "blank": []}
+
+
+def ablation_model(wildcards):
+    return f"{RESULTS}/ablation/models/{wildcards.backbone}/{wildcards.variant}-{wildcards.round}"
+
+
+def ablation_scratch(wildcards):
+    return f"{RESULTS}/ablation/scratch/{wildcards.backbone}/{wildcards.variant}-{wildcards.round}"
+
+
+def ablation_score_inputs(wildcards):
+    return {
+        "model": ablation_model(wildcards),
+        "backbone": backbone_input(wildcards),
+        "code": code("score"),
+        "arch": arch_code(wildcards),
+        **ablation_scoring_sets(wildcards),
+    }
+
+
+def ablation_gather_inputs(wildcards):
+    return {
+        "shards": [
+            f"{RESULTS}/ablation/scores/{wildcards.backbone}/{wildcards.variant}-{wildcards.round}/shards/{k}.parquet"
+            for k in range(config["score"]["shards"])
+        ],
+        "code": code("score"),
+        **ablation_scoring_sets(wildcards),
+    }
+
+
+def ablation_plan(task):
+    """(row, backbone, score table) of every cell of the table."""
+    return [
+        {
+            "row": row,
+            "backbone": b,
+            "scores": f"{RESULTS}/ablation/scores/{b}/{v}-{r}/scores.parquet",
+        }
+        for row, (v, r) in zip(ABLATION[task], ABLATION_MODELS[task])
+        for b in members(ABLATION["backbones"])
+    ]
+
+
+def ablation_targets():
+    return [
+        f"{RESULTS}/ablation/table_{task}.tsv"
+        for task in ("overall", "element")
+        if ABLATION[task] and BACKBONES
+    ]

@@ -52,28 +52,28 @@ rule submission:
 rule evaluate:
     input:
         gt=rules.ground_truth.output[0],
-        pred=rules.submission.output[0],
+        samples=rules.ingest.output.samples,
+        elements=rules.ingest.output.elements,
+        predictions=report_predictions,
+        element_predictions=report_element_predictions,
         code=code("evaluate"),
     output:
-        f"{RESULTS}/metrics/{{predictor}}/{{split}}.json",
+        f"{RESULTS}/metrics/{{split}}.json",
     log:
-        f"{RESULTS}/logs/evaluate/{{predictor}}_{{split}}.log",
+        f"{RESULTS}/logs/evaluate/{{split}}.log",
     conda:
         "../../envs/imatch.yaml"
     resources:
         mem_mb=2000,
         runtime=10,
     shell:
-        "imatch evaluate --gt {input.gt} --pred {input.pred} --out {output} > {log} 2>&1"
+        "imatch evaluate-predictors {input.predictions} --gt {input.gt} --samples {input.samples}"
+        " --elements {input.elements} --split {wildcards.split} --out {output} > {log} 2>&1"
 
 
 rule metrics_summary:
     input:
-        expand(
-            f"{RESULTS}/metrics/{{predictor}}/{{split}}.json",
-            predictor=predictors(),
-            split=config["evaluate"]["splits"],
-        ),
+        expand(f"{RESULTS}/metrics/{{split}}.json", split=config["evaluate"]["splits"]),
     output:
         report(
             f"{RESULTS}/metrics/summary.tsv",

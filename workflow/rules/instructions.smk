@@ -68,11 +68,11 @@ rule instructions_eval_levels:
     input:
         unpack(instruction_inputs),
     output:
-        table=f"{RESULTS}/instructions/{{query}}/{{split}}.levels-{{round}}.parquet",
-        jsonl=f"{RESULTS}/instructions/{{query}}/{{split}}.levels-{{round}}.jsonl",
-        record=f"{RESULTS}/instructions/{{query}}/{{split}}.levels-{{round}}.parquet.json",
+        table=f"{RESULTS}/instructions/{{query}}/{{split}}.levels-{{levels}}.parquet",
+        jsonl=f"{RESULTS}/instructions/{{query}}/{{split}}.levels-{{levels}}.jsonl",
+        record=f"{RESULTS}/instructions/{{query}}/{{split}}.levels-{{levels}}.parquet.json",
     log:
-        f"{RESULTS}/logs/instructions/{{query}}_{{split}}.levels-{{round}}.log",
+        f"{RESULTS}/logs/instructions/{{query}}_{{split}}.levels-{{levels}}.log",
     conda:
         "../../envs/imatch.yaml"
     resources:
@@ -82,4 +82,25 @@ rule instructions_eval_levels:
         flags=instruction_flags,
     shell:
         "imatch instructions --split {wildcards.split} --samples {input.samples} --elements {input.elements}"
+        " --out {output.table} --jsonl {output.jsonl} {params.flags} > {log} 2>&1"
+
+
+rule instructions_pseudo:
+    input:
+        unpack(pseudo_inputs),
+    output:
+        table=f"{RESULTS}/instructions/{{query}}/val.pseudo-{{round}}.parquet",
+        jsonl=f"{RESULTS}/instructions/{{query}}/val.pseudo-{{round}}.jsonl",
+        record=f"{RESULTS}/instructions/{{query}}/val.pseudo-{{round}}.parquet.json",
+    log:
+        f"{RESULTS}/logs/instructions/{{query}}_val.pseudo-{{round}}.log",
+    conda:
+        "../../envs/imatch.yaml"
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    params:
+        flags=pseudo_flags,
+    shell:
+        "imatch instructions --split val --samples {input.samples} --elements {input.elements}"
         " --out {output.table} --jsonl {output.jsonl} {params.flags} > {log} 2>&1"

@@ -70,7 +70,7 @@ rule backbone_convert_ovis2:
 rule train:
     input:
         backbone=backbone_input,
-        dataset=training_set,
+        datasets=training_sets,
         code=code("train"),
         arch=arch_code,
     output:
@@ -81,7 +81,7 @@ rule train:
         f"{RESULTS}/benchmarks/train/{{backbone}}_{{task}}-{{round}}.tsv"
     conda:
         "../../envs/imatch.yaml"
-    threads: 2
+    threads: config["resources"]["threads"]
     resources:
         gpu=gpus(),
         mem_mb=lambda w, attempt: config["resources"]["train_mem_mb"] * attempt,
@@ -92,26 +92,22 @@ rule train:
         scratch=scratch_dir,
         recipe=recipe_flags,
     shell:
-        "imatch train --arch {params.arch} --model {params.base} --dataset {input.dataset}"
-        " --out {output} --scratch {params.scratch} {params.recipe} --gpus {resources.gpu} > {log} 2>&1"
+        "imatch train --arch {params.arch} --model {params.base} --dataset {input.datasets}"
+        " --out {output} --scratch {params.scratch} {params.recipe} --gpus {resources.gpu} --threads {threads} > {log} 2>&1"
 
 
 rule score:
     input:
-        model=f"{RESULTS}/models/{{backbone}}/{{task}}-{{round}}",
-        instructions=scoring_set,
-        backbone=backbone_input,
-        code=code("score"),
-        arch=arch_code,
+        unpack(score_inputs),
     output:
-        f"{RESULTS}/scores/{{backbone}}/{{task}}-{{round}}/{{split}}.parquet",
+        f"{RESULTS}/scores/{{backbone}}/{{task}}-{{round}}/shards/{{shard}}.parquet",
     log:
-        f"{RESULTS}/logs/score/{{backbone}}_{{task}}-{{round}}_{{split}}.log",
+        f"{RESULTS}/logs/score/{{backbone}}_{{task}}-{{round}}.{{shard}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/score/{{backbone}}_{{task}}-{{round}}_{{split}}.tsv"
+        f"{RESULTS}/benchmarks/score/{{backbone}}_{{task}}-{{round}}.{{shard}}.tsv"
     conda:
         "../../envs/imatch.yaml"
-    threads: 2
+    threads: config["resources"]["threads"]
     resources:
         gpu=gpus(),
         mem_mb=lambda w, attempt: config["resources"]["score_mem_mb"] * attempt,
@@ -120,9 +116,30 @@ rule score:
         arch=backbone_value("arch"),
         base=backbone_folder,
         flags=score_flags,
+        sets=set_options,
+        shards=config["score"]["shards"],
     shell:
-        "imatch score-set --arch {params.arch} --model {input.model} --base {params.base}"
-        " --instructions {input.instructions} --out {output} {params.flags} --gpus {resources.gpu} > {log} 2>&1"
+        "imatch score-set --arch {params.arch} --model {input.model} --base {params.base} {params.sets}"
+        " --out {output} {params.flags} --gpus {resources.gpu} --threads {threads}"
+        " --shard {wildcards.shard} --shards {params.shards} > {log} 2>&1"
+
+
+rule gather_scores:
+    input:
+        unpack(gather_inputs),
+    output:
+        f"{RESULTS}/scores/{{backbone}}/{{task}}-{{round}}/scores.parquet",
+    log:
+        f"{RESULTS}/logs/score/{{backbone}}_{{task}}-{{round}}.gather.log",
+    conda:
+        "../../envs/imatch.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        sets=set_options,
+    shell:
+        "imatch gather-scores {input.shards} {params.sets} --out {output} > {log} 2>&1"
 
 
 rule element_levels:
@@ -130,35 +147,78 @@ rule element_levels:
         scores=element_level_scores,
         code=code("ensemble"),
     output:
-        f"{RESULTS}/element_levels/{{round}}/{{split}}.parquet",
+        f"{RESULTS}/element_levels/{{levels}}.parquet",
     log:
-        f"{RESULTS}/logs/element_levels/{{round}}_{{split}}.log",
-    conda:
-        "../../envs/imatch.yaml"
-    resources:
-        mem_mb=2000,
-        runtime=10,
-    shell:
-        "imatch element-levels --out {output} {input.scores} > {log} 2>&1"
-
-
-rule model_predictions:
-    input:
-        overall=f"{RESULTS}/scores/{{backbone}}/overall-{ROUND}/{{split}}.parquet",
-        element=f"{RESULTS}/scores/{{backbone}}/element-{ROUND}/{{split}}.parquet",
-        code=code("ensemble"),
-    output:
-        predictions=f"{RESULTS}/predictions/{{backbone}}/{{split}}/predictions.parquet",
-        elements=f"{RESULTS}/predictions/{{backbone}}/{{split}}/element_predictions.parquet",
-    log:
-        f"{RESULTS}/logs/predictions/{{backbone}}_{{split}}.log",
+        f"{RESULTS}/logs/element_levels/{{levels}}.log",
     conda:
         "../../envs/imatch.yaml"
     resources:
         mem_mb=2000,
         runtime=10,
     params:
-        tau=tau_of,
+        view=levels_view,
     shell:
-        "imatch combine --overall {input.overall} --element {input.element} --tau {params.tau}"
+        "imatch element-levels --view {params.view} --out {output} {input.scores} > {log} 2>&1"
+
+
+rule model_predictions:
+    input:
+        unpack(predictor_scores),
+    output:
+        predictions=f"{RESULTS}/predictions/{{model_predictor}}/{{split}}/predictions.parquet",
+        elements=f"{RESULTS}/predictions/{{model_predictor}}/{{split}}/element_predictions.parquet",
+    log:
+        f"{RESULTS}/logs/predictions/{{model_predictor}}_{{split}}.log",
+    conda:
+        "../../envs/imatch.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        tau=config["score"]["tau"],
+        view=predictor_view,
+        weights=weights_option,
+    shell:
+        "imatch combine --overall {input.overall} --element {input.element} --split {wildcards.split}"
+        " --view {params.view} --tau {params.tau} {params.weights}"
         " --out-predictions {output.predictions} --out-element-predictions {output.elements} > {log} 2>&1"
+
+
+rule ensemble_weights:
+    input:
+        unpack(weight_inputs),
+    output:
+        f"{RESULTS}/ensemble/{{round}}/weights.json",
+    log:
+        f"{RESULTS}/logs/ensemble_weights_{{round}}.log",
+    conda:
+        "../../envs/imatch.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "imatch ensemble-weights --overall {input.overall} --element {input.element} --split holdout"
+        " --samples {input.samples} --elements {input.elements} --out {output} > {log} 2>&1"
+
+
+rule pseudo_labels:
+    input:
+        samples=rules.ingest.output.samples,
+        elements=rules.ingest.output.elements,
+        predictions=f"{RESULTS}/predictions/ensemble-{{round}}/val/predictions.parquet",
+        element_predictions=f"{RESULTS}/predictions/ensemble-{{round}}/val/element_predictions.parquet",
+        code=code("pseudo"),
+    output:
+        samples=f"{RESULTS}/pseudo/{{round}}/samples.parquet",
+        elements=f"{RESULTS}/pseudo/{{round}}/elements.parquet",
+    log:
+        f"{RESULTS}/logs/pseudo_labels_{{round}}.log",
+    conda:
+        "../../envs/imatch.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "imatch pseudo-labels --samples {input.samples} --elements {input.elements}"
+        " --predictions {input.predictions} --element-predictions {input.element_predictions}"
+        " --out-samples {output.samples} --out-elements {output.elements} > {log} 2>&1"

@@ -1,0 +1,63 @@
+"""The ablation tables (paper Tables 4 and 5): the judge's metrics of each row's scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import spearmanr
+
+from imatch import levels
+from imatch.ablation import ablation_table
+
+
+def score_table(samples, elements, split, task, expected, argmax=None):
+    """A model's score table (as gather-scores writes it) for one split, seen images."""
+    s = samples[samples["split"] == split]
+    if task == "overall":
+        t = pd.DataFrame({"id": s["img_path"], "img_path": s["img_path"], "element": None})
+    else:
+        e = elements[elements["img_path"].isin(s["img_path"])]
+        t = pd.DataFrame({"id": e["img_path"] + "|" + e["element"], "img_path": e["img_path"], "element": e["element"]})
+    t = t.assign(task=task, split=split, view="seen", expected_level=expected,
+                 argmax_level=argmax if argmax is not None else np.rint(expected).astype(int))
+    # other splits and the grey-image view are in the same table and must be ignored
+    return pd.concat([t, t.assign(view="blank", expected_level=1.0)], ignore_index=True)
+
+
+def test_rows_get_the_judges_metrics_and_qalign_reads_the_expectation(ingested, tmp_path):
+    samples, elements = (pd.read_parquet(p) for p in ingested)
+    truth = samples.loc[samples["split"] == "holdout", "total_score"].to_numpy()
+    level = (truth - 1) / 4 * 14 + 1  # a perfect expectation, beside an unrelated argmax
+    overall = tmp_path / "overall.parquet"
+    score_table(samples, elements, "holdout", "overall", level, argmax=np.arange(len(level)) % 15 + 1).to_parquet(overall)
+    e = elements[elements["img_path"].isin(samples.loc[samples["split"] == "holdout", "img_path"])]
+    hits = e["score"].to_numpy() >= 0.5
+    element = tmp_path / "element.parquet"
+    flipped = hits.copy()
+    flipped[:4] = ~flipped[:4]  # four wrong hits
+    score_table(samples, elements, "holdout", "element", np.where(flipped, 6.0, 2.0)).to_parquet(element)
+
+    flags = {"validation": False, "element_levels": False, "image_augmentation": False}
+    plan = [{"row": {**flags, "qalign": q}, "backbone": "m", "scores": str(overall)} for q in (True, False)]
+    table = ablation_table("overall", plan, *ingested, "holdout", tau=3)
+    assert list(table.columns) == ["qalign", "validation", "element_levels", "image_augmentation", "m srcc", "m plcc"]
+    with_qalign, without = table.iloc[0], table.iloc[1]
+    assert with_qalign["m srcc"] == pytest.approx(1.0) and with_qalign["m plcc"] == pytest.approx(1.0, abs=1e-6)
+    argmax_total = levels.level_to_total(np.arange(len(level)) % 15 + 1)
+    assert without["m srcc"] == pytest.approx(spearmanr(truth, argmax_total)[0])
+
+    plan = [{"row": {"prompt_type": True, "score_perturbation": False}, "backbone": b, "scores": str(element)}
+            for b in ("a", "b")]
+    table = ablation_table("element", plan, *ingested, "holdout", tau=3)
+    assert table.loc[0, "a acc"] == pytest.approx(1 - 4 / len(hits)) and table.loc[0, "b acc"] == table.loc[0, "a acc"]
+
+
+def test_a_split_the_model_did_not_score_is_an_error(ingested, tmp_path):
+    samples, elements = (pd.read_parquet(p) for p in ingested)
+    path = tmp_path / "val_only.parquet"
+    n = int((samples["split"] == "val").sum())
+    score_table(samples, elements, "val", "overall", np.full(n, 8.0)).to_parquet(path)
+    row = {"qalign": True, "validation": False, "element_levels": False, "image_augmentation": False}
+    with pytest.raises(Exception, match="were not scored"):
+        ablation_table("overall", [{"row": row, "backbone": "m", "scores": str(path)}], *ingested, "holdout", tau=3)

@@ -1,0 +1,67 @@
+# Ablation rows (paper Tables 4 and 5): every backbone trained on each row's instruction variant,
+# through the same train / score / gather rules, then one table per task.
+use rule train as ablation_train with:
+    input:
+        backbone=backbone_input,
+        datasets=ablation_sets,
+        code=code("train"),
+        arch=arch_code,
+    output:
+        directory(f"{RESULTS}/ablation/models/{{backbone}}/{{variant}}-{{round}}"),
+    log:
+        f"{RESULTS}/logs/ablation/train/{{backbone}}_{{variant}}-{{round}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/ablation/train/{{backbone}}_{{variant}}-{{round}}.tsv"
+    params:
+        arch=backbone_value("arch"),
+        base=backbone_folder,
+        scratch=ablation_scratch,
+        recipe=recipe_flags,
+
+
+use rule score as ablation_score with:
+    input:
+        unpack(ablation_score_inputs),
+    output:
+        f"{RESULTS}/ablation/scores/{{backbone}}/{{variant}}-{{round}}/shards/{{shard}}.parquet",
+    log:
+        f"{RESULTS}/logs/ablation/score/{{backbone}}_{{variant}}-{{round}}.{{shard}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/ablation/score/{{backbone}}_{{variant}}-{{round}}.{{shard}}.tsv"
+
+
+use rule gather_scores as ablation_gather_scores with:
+    input:
+        unpack(ablation_gather_inputs),
+    output:
+        f"{RESULTS}/ablation/scores/{{backbone}}/{{variant}}-{{round}}/scores.parquet",
+    log:
+        f"{RESULTS}/logs/ablation/score/{{backbone}}_{{variant}}-{{round}}.gather.log",
+
+
+rule ablation_table:
+    input:
+        scores=lambda w: [cell["scores"] for cell in ablation_plan(w.task)],
+        samples=rules.ingest.output.samples,
+        elements=rules.ingest.output.elements,
+        code=code("ablation"),
+    output:
+        report(
+            f"{RESULTS}/ablation/table_{{task}}.tsv",
+            caption="../report/ablation.rst",
+            category="Ablation",
+        ),
+    log:
+        f"{RESULTS}/logs/ablation/table_{{task}}.log",
+    conda:
+        "../../envs/imatch.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        plan=lambda w: json.dumps(ablation_plan(w.task)),
+        split=ABLATION["split"],
+        tau=config["score"]["tau"],
+    shell:
+        "imatch ablation-table --kind {wildcards.task} --plan {params.plan:q} --samples {input.samples}"
+        " --elements {input.elements} --split {params.split} --tau {params.tau} --out {output} > {log} 2>&1"
