@@ -49,6 +49,17 @@ def source(tmp_path, demo_folder) -> Path:
     return dest
 
 
+@pytest.fixture(scope="session")
+def workflow(tmp_path_factory):
+    """(workdir, small config) of a private copy of the workflow that has run once on a small demo
+    locally; tests may edit the copy's code but must bring its results up to date again."""
+    from wfhelpers import copy_workflow, snakemake
+
+    wd, small = copy_workflow(tmp_path_factory.mktemp("wf"))
+    snakemake(wd, configs=[small])
+    return wd, small
+
+
 @pytest.fixture
 def imatch(capsys):
     """Run `imatch ARGS...` in-process; return (exit code, stdout, stderr)."""

@@ -1,60 +1,20 @@
-"""The workflow through Snakemake: a full run on the demo, then its rerun behaviour."""
+"""The workflow through Snakemake: a full run on the demo (the session's `workflow` fixture,
+conftest.py), then its rerun behaviour."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = Path(sys.executable).with_name("snakemake")
-SMALL = {
-    "demo": {"train_prompts": 16, "val_prompts": 5, "test_prompts": 3, "image_size": 64},
-    "ingest": {"holdout_fraction": 0.25},
-    "train": {"max_steps": 2, "save_steps": 2},  # the three tiny backbones: wiring, not learning
-    "score": {"batch_size": 32, "dtype": "float32", "device": "cpu", "tau": 3, "shards": 2},
-    "evaluate": {"splits": ["holdout", "val"], "predictors": ["prior", "text", "ensemble", "blank-ensemble"]},
-}
-
-
-def snakemake(workdir: Path, *args: str, configs=(), check=True) -> subprocess.CompletedProcess:
-    cmd = [str(SNAKEMAKE), "-s", str(workdir / "Snakefile"), "-d", str(workdir), "--cores", "2",
-           "--configfile", str(workdir / "config" / "config.yaml"), *map(str, configs), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def planned_jobs(proc: subprocess.CompletedProcess) -> set[str]:
-    """Rule names in the 'Job stats' table of a dry run."""
-    text = proc.stdout + proc.stderr
-    if "Nothing to be done" in text:
-        return set()
-    table = text.split("Job stats:", 1)[1].split("\n\n", 1)[0]
-    return {m.group(1) for m in re.finditer(r"^(\w+)\s+\d+\s*$", table, re.M)} - {"total"}
-
-
-@pytest.fixture(scope="module")
-def workflow(tmp_path_factory):
-    """A copy of the workflow (so code edits stay private) that has run once on a small demo."""
-    wd = tmp_path_factory.mktemp("wf")
-    for item in ("Snakefile", "workflow", "config", "envs"):
-        src = REPO / item
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, wd / item)
-    small = wd / "small.yaml"
-    small.write_text(yaml.safe_dump(SMALL))
-    snakemake(wd, configs=[small])
-    return wd, small
+from wfhelpers import SMALL, planned_jobs, planned_outputs, snakemake
 
 
 def test_full_run_produces_metrics_and_submission(workflow):
@@ -174,10 +134,6 @@ def test_instruction_sets_are_built(workflow):
         "holdout", "test", "train", "val", "val.pseudo"]
 
 
-def planned_outputs(proc: subprocess.CompletedProcess) -> list[str]:
-    return [o for line in re.findall(r"^\s+output: (.+)$", proc.stdout + proc.stderr, re.M) for o in line.split(", ")]
-
-
 def test_flipping_a_switch_rebuilds_only_what_depends_on_it(workflow, tmp_path):
     wd, small = workflow
     off = tmp_path / "noaug.yaml"
@@ -275,6 +231,21 @@ def test_real_configuration_dry_runs(workflow):
     overall, element = combine.split("--overall ")[1].split(" --element ")
     assert overall.count("/overall-r2/scores.parquet") == 5
     assert element.split(" --")[0].count("/element-r2/scores.parquet") == 4
+
+
+def test_a_backbone_can_train_on_several_gpus_in_one_job(workflow, tmp_path):
+    """Per-backbone GPUs reach the cluster request (gpu, cpus_per_gpu) and the stage (--gpus)."""
+    wd, _ = workflow
+    real = yaml.safe_load((wd / "config" / "evalmuse.yaml").read_text())
+    real["backbones"][-1]["gpus"] = 2  # ovis2-34b
+    overlay = tmp_path / "two.yaml"
+    overlay.write_text(yaml.safe_dump({"backbones": real["backbones"], "resources": {"threads": 8}}))
+    # (locally threads are capped at --cores; a cluster job gets what it asks for)
+    text = snakemake(wd, "-n", "-p", "--cores", "16", configs=[wd / "config" / "evalmuse.yaml", overlay]).stdout
+    jobs = [block for block in text.split("\n\n") if "rule train:" in block]
+    big = [b for b in jobs if "models/ovis2-34b/" in b]
+    assert len(big) == 2 * 2 and all("gpu=2" in b and "cpus_per_gpu=4" in b and "--gpus 2" in b for b in big)
+    assert all("gpu=1" in b and "cpus_per_gpu=8" in b and "--gpus 1" in b for b in jobs if b not in big)
 
 
 def test_report_builds(workflow, tmp_path):

@@ -236,6 +236,8 @@ def _run(args) -> int:
     for _, _, other, path in tables:
         if other != task:
             raise InputError(path, f"holds {other} queries, the other sets {task} ones (one model, one task)")
+    if device == "cuda" and args.gpus > 1:
+        device = "auto"  # a model too large for one GPU: its layers spread over all it was given
     start = time.time()
     model, processor, template = load(args.model, arch, device=device, dtype=args.dtype, base=args.base,
                                       max_pixels=args.max_pixels)

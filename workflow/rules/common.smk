@@ -386,8 +386,16 @@ def scores_of(backbone, task, round_):
     return f"{RESULTS}/scores/{backbone}/{task}-{round_}/scores.parquet"
 
 
-def gpus():
-    return config["resources"]["gpus"]
+def backbone_gpus(wildcards):
+    """GPUs of a training or scoring job: the backbone's own `gpus`, else resources.gpus."""
+    n = BACKBONES[wildcards.backbone]["gpus"]
+    return config["resources"]["gpus"] if n is None else n
+
+
+def cpus_per_gpu(wildcards, threads):
+    """The job's cores spread over its GPUs (sbatch --cpus-per-gpu); 0 = no GPU, --cpus-per-task."""
+    n = backbone_gpus(wildcards)
+    return max(1, threads // n) if n else 0
 
 
 def training_sets(wildcards):

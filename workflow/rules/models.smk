@@ -83,7 +83,8 @@ rule train:
         "../../envs/imatch.yaml"
     threads: config["resources"]["threads"]
     resources:
-        gpu=gpus(),
+        gpu=backbone_gpus,
+        cpus_per_gpu=cpus_per_gpu,
         mem_mb=lambda w, attempt: config["resources"]["train_mem_mb"] * attempt,
         runtime=lambda w, attempt: config["resources"]["train_runtime"] * attempt,
     params:
@@ -109,7 +110,8 @@ rule score:
         "../../envs/imatch.yaml"
     threads: config["resources"]["threads"]
     resources:
-        gpu=gpus(),
+        gpu=backbone_gpus,
+        cpus_per_gpu=cpus_per_gpu,
         mem_mb=lambda w, attempt: config["resources"]["score_mem_mb"] * attempt,
         runtime=lambda w, attempt: config["resources"]["score_runtime"] * attempt,
     params:

@@ -1,0 +1,116 @@
+"""The workflow through a real SLURM cluster: the small demo, run once locally and once with every
+job submitted by `sbatch` through Snakemake's SLURM executor, must give the same results.
+One backbone instead of three keeps CI short (every rule of the two-round workflow still runs);
+the three architectures through the whole workflow are tests/test_workflow.py's local run.
+
+A single-node cluster (munged, slurmctld, slurmd on loopback, no GPUs, no accounting) is started
+by .ci/setup_slurm.sh and only the daemons it started are stopped afterwards. Starting it needs
+root and Debian packages (CI: .ci/run runs as root); elsewhere the test is skipped with the
+reason, unless IMATCH_REQUIRE_SLURM=1 (set by .ci/run) turns a failed start into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import yaml
+
+from wfhelpers import REPO, SMALL, copy_workflow, planned_jobs, snakemake
+
+SETUP = REPO / ".ci" / "setup_slurm.sh"
+CTLD_LOG = Path("/var/log/slurm/slurmctld.log")  # where .ci/setup_slurm.sh points slurmctld
+ONE_BACKBONE = {**SMALL, "backbones": [{"name": "tiny-internvl", "arch": "internvl", "source": "tiny", "seed": 0}]}
+# Deterministic artifacts the two runs must share byte for byte (provenance records hold times).
+COMPARED = ("data", "instructions", "scores", "element_levels", "pseudo", "predictions", "metrics")
+
+
+def _unavailable(reason: str):
+    if os.environ.get("IMATCH_REQUIRE_SLURM") == "1":
+        pytest.fail(f"SLURM is required here (IMATCH_REQUIRE_SLURM=1) but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if os.geteuid() != 0:
+        _unavailable("starting SLURM daemons needs root")
+    if not shutil.which("slurmctld") and not shutil.which("apt-get"):
+        _unavailable("neither SLURM nor apt-get to install it is available")
+    env = {**os.environ, "SLURM_STATE_DIR": str(tmp_path_factory.mktemp("slurm-state"))}
+    start = subprocess.run(["bash", str(SETUP), "start"], capture_output=True, text=True, env=env)
+    if start.returncode != 0:
+        _unavailable(f"{SETUP.name} failed:\n{start.stdout[-2000:]}\n{start.stderr[-2000:]}")
+    yield
+    subprocess.run(["bash", str(SETUP), "stop"], capture_output=True, text=True, env=env)
+
+
+def slurm_jobs(workdir: Path) -> dict[str, set[str]]:
+    """{SLURM job id: rules it ran} from the plugin's per-job logs
+    (.snakemake/slurm_logs/{rule,group}_<name>/.../<id>.log; a group job runs several rules)."""
+    return {p.stem: set(re.findall(r"^(?:local)?rule (\w+):", p.read_text(), re.M))
+            for p in (workdir / ".snakemake" / "slurm_logs").rglob("*.log")}
+
+
+def completed_by_slurmctld() -> set[str]:
+    """Job ids slurmctld recorded as finished with exit status 0 (its log outlives squeue's MinJobAge)."""
+    text = CTLD_LOG.read_text()
+    return set(re.findall(r"_job_complete: JobId=(\d+) WEXITSTATUS 0", text))
+
+
+def artifacts(workdir: Path) -> dict[str, bytes]:
+    """Every deterministic artifact, with the workdir's absolute path (image columns) cut out."""
+    import io
+
+    import pandas as pd
+
+    results, root = workdir / "results", str(workdir)
+    out = {}
+    for folder in COMPARED:
+        for path in sorted((results / folder).rglob("*")):
+            if not path.is_file() or path.name.endswith(".prov.json") or path.name.startswith("."):
+                continue  # provenance records hold times; hidden files are caches (mtime stamps)
+            if path.suffix == ".parquet":
+                table = pd.read_parquet(path)
+                for column in table.columns:
+                    if table[column].dtype == object or pd.api.types.is_string_dtype(table[column]):
+                        table[column] = [v.replace(root, "<wd>") if isinstance(v, str) else v for v in table[column]]
+                buffer = io.BytesIO()
+                table.to_parquet(buffer)
+                out[str(path.relative_to(results))] = buffer.getvalue()
+            else:
+                out[str(path.relative_to(results))] = path.read_bytes().replace(root.encode(), b"<wd>")
+    return out
+
+
+def test_the_demo_runs_through_slurm_like_a_local_run(cluster, tmp_path):
+    config = tmp_path / "one.yaml"
+    config.write_text(yaml.safe_dump(ONE_BACKBONE))
+    local, _ = copy_workflow(tmp_path / "local")
+    started = time.time()
+    snakemake(local, configs=[config])
+    local_wall = time.time() - started
+    wd, _ = copy_workflow(tmp_path / "slurm")
+    profile = wd / "config" / "slurm-ci"
+    started = time.time()
+    snakemake(wd, "--profile", str(profile), configs=[config])
+    wall = time.time() - started
+    # every job went through sbatch: the plugin logged it under its SLURM job id and rule, and
+    # slurmctld recorded that job as finished with exit status 0
+    jobs = slurm_jobs(wd)
+    ran = set().union(*jobs.values())
+    assert {"ingest", "train", "score", "gather_scores", "pseudo_labels", "evaluate", "submission"} <= ran, jobs
+    assert set(jobs) <= completed_by_slurmctld()
+    print(f"\nthrough SLURM: {len(jobs)} sbatch jobs in {wall:.0f} s; the same workflow locally: {local_wall:.0f} s")
+    # the same bytes as the local run, for every deterministic artifact
+    ours, theirs = artifacts(wd), artifacts(local)
+    assert ours.keys() == theirs.keys()
+    assert [k for k in ours if ours[k] != theirs[k]] == []
+    # and a second run has nothing to do
+    assert planned_jobs(snakemake(wd, "-n", "--profile", str(profile), configs=[config])) == set()
