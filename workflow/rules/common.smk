@@ -615,7 +615,7 @@ def ablation_level_rounds():
 
 
 wildcard_constraints:
-    variant="(overall|element)-[0-9a-f]{8}\.[0-9a-f]{8}",
+    variant=r"(overall|element)-[0-9a-f]{8}\.[0-9a-f]{8}",
 
 
 def ablation_sets(wildcards):
