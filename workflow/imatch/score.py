@@ -32,7 +32,6 @@ from imatch.atomic import write_parquet
 from imatch.devices import check_gpus
 from imatch.errors import InputError
 
-VIEWS = ("seen", "blank")
 COLUMNS = ["id", "task", "split", "view", "img_path", "element", "probs", "expected_level", "argmax_level", "score", "hit"]
 
 

@@ -351,14 +351,27 @@ def scoring_sets(wildcards):
     return sets
 
 
-def score_inputs(wildcards):
+def scoring_job_inputs(wildcards, model, sets):
+    """Inputs of a scoring job (main or ablation model): the model, its backbone, the code, the sets."""
     return {
-        "model": f"{RESULTS}/models/{wildcards.backbone}/{wildcards.task}-{wildcards.round}",
+        "model": model,
         "backbone": backbone_input(wildcards),
         "code": code("score"),
         "arch": arch_code(wildcards),
-        **scoring_sets(wildcards),
+        **sets,
     }
+
+
+def gather_job_inputs(folder, sets):
+    """Inputs of gathering one model's score shards from `folder`/shards/."""
+    shards = [f"{folder}/shards/{k}.parquet" for k in range(config["score"]["shards"])]
+    return {"shards": shards, "code": code("score"), **sets}
+
+
+def score_inputs(wildcards):
+    w = wildcards
+    model = f"{RESULTS}/models/{w.backbone}/{w.task}-{w.round}"
+    return scoring_job_inputs(w, model, scoring_sets(w))
 
 
 def set_options(wildcards, input):
@@ -371,14 +384,9 @@ def set_options(wildcards, input):
 
 
 def gather_inputs(wildcards):
-    return {
-        "shards": [
-            f"{RESULTS}/scores/{wildcards.backbone}/{wildcards.task}-{wildcards.round}/shards/{k}.parquet"
-            for k in range(config["score"]["shards"])
-        ],
-        "code": code("score"),
-        **scoring_sets(wildcards),
-    }
+    w = wildcards
+    folder = f"{RESULTS}/scores/{w.backbone}/{w.task}-{w.round}"
+    return gather_job_inputs(folder, scoring_sets(w))
 
 
 def scores_of(backbone, task, round_):
@@ -643,24 +651,14 @@ def ablation_scratch(wildcards):
 
 
 def ablation_score_inputs(wildcards):
-    return {
-        "model": ablation_model(wildcards),
-        "backbone": backbone_input(wildcards),
-        "code": code("score"),
-        "arch": arch_code(wildcards),
-        **ablation_scoring_sets(wildcards),
-    }
+    sets = ablation_scoring_sets(wildcards)
+    return scoring_job_inputs(wildcards, ablation_model(wildcards), sets)
 
 
 def ablation_gather_inputs(wildcards):
-    return {
-        "shards": [
-            f"{RESULTS}/ablation/scores/{wildcards.backbone}/{wildcards.variant}-{wildcards.round}/shards/{k}.parquet"
-            for k in range(config["score"]["shards"])
-        ],
-        "code": code("score"),
-        **ablation_scoring_sets(wildcards),
-    }
+    w = wildcards
+    folder = f"{RESULTS}/ablation/scores/{w.backbone}/{w.variant}-{w.round}"
+    return gather_job_inputs(folder, ablation_scoring_sets(w))
 
 
 def ablation_plan(task):
