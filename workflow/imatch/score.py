@@ -17,6 +17,7 @@ of every set is there exactly once.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import tempfile
@@ -27,7 +28,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from imatch import archs, levels
+from imatch import archs, attention, levels
 from imatch.atomic import write_parquet
 from imatch.devices import check_gpus
 from imatch.errors import InputError
@@ -46,8 +47,9 @@ def answer_token_ids(tokenizer, symbols: list[str]) -> list[int]:
 
 
 def load(model_dir: Path, arch: archs.Arch, *, device: str, dtype: str, base: Path | None = None,
-         max_pixels: int | None = None):
-    """Model (base + LoRA adapter, or full weights) and ms-swift template in inference mode."""
+         max_pixels: int | None = None, varlen: bool = True):
+    """Model (base + LoRA adapter, or full weights) and ms-swift template in inference mode.
+    `varlen`: the vision tower's windows in one kernel (`imatch.attention`), not one per window."""
     import torch
     from swift import get_model_processor, get_template
 
@@ -61,16 +63,31 @@ def load(model_dir: Path, arch: archs.Arch, *, device: str, dtype: str, base: Pa
     if adapter and base is None:
         raise InputError(model_dir, "a LoRA adapter needs --base (the backbone it was trained on)")
     model, processor = get_model_processor(str(source), model_type=arch.swift_model_type, torch_dtype=torch_dtype,
-                                           device_map=device, download_model=False, use_hf=True)
+                                           device_map=device, download_model=False, use_hf=True, attn_impl="sdpa")
     if adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(model_dir))
+    if varlen:
+        attention.enable(model)
     model.eval()
     # the same generic pre-resize as `swift sft --max_pixels` applied in training
     template = get_template(processor, template_type=arch.swift_template, max_pixels=max_pixels or None)
     template.set_mode("transformers")
     return model, processor, template
+
+
+def compile_layers(model) -> int:
+    """torch.compile each transformer block (LLM decoder layers, vision blocks) on its own: the
+    norms, activations, rotary and residual adds between the GEMMs fuse into fewer kernels, and
+    one compiled graph serves every layer of a kind. Returns the number of blocks compiled."""
+    import torch
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    blocks = [m for m in model.modules() if type(m).__name__.endswith(("DecoderLayer", "VisionBlock", "EncoderLayer"))]
+    for block in blocks:
+        block.compile(dynamic=True)
+    return len(blocks)
 
 
 def _blank(path: str, cache: dict) -> str:
@@ -94,27 +111,126 @@ def _answer_logits_only(model) -> dict:
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
 
 
-def score_table(table: pd.DataFrame, model, processor, template, *, task: str, batch_size: int, tau: float,
-                blank_dir: Path | None = None) -> pd.DataFrame:
+def length_order(images: list[str], queries: list[str]) -> np.ndarray:
+    """Scoring order that batches queries of similar length together (image area first: it sets
+    the visual token count; then the text), so little of a batch is padding. Stable, so equal
+    keys keep the set's order; results are written back in the set's order."""
+    from PIL import Image
+
+    areas = []
+    for path in images:
+        with Image.open(path) as im:  # reads the header only
+            areas.append(im.size[0] * im.size[1])
+    return np.lexsort((np.array([len(q) for q in queries]), np.array(areas)))
+
+
+class _Encoded:
+    """The template's encoding of each query, for a DataLoader (worker processes encode the next
+    batches while the GPU runs the current one)."""
+
+    def __init__(self, template, images: list[str], queries: list[str]):
+        self.template, self.images, self.queries = template, images, queries
+
+    def __len__(self):
+        return len(self.queries)
+
+    def __getitem__(self, i):
+        return self.template.encode({"messages": [{"role": "user", "content": self.queries[i]}],
+                                     "images": [self.images[i]]})
+
+
+class GpuGaps:
+    """Time the device spends between batches (waiting for the host: data loading, encoding,
+    Python) versus inside them, from CUDA events on the stream (host clock on a CPU)."""
+
+    def __init__(self, device):
+        import torch
+
+        self.cuda = torch.device(device).type == "cuda"
+        self.marks = []
+
+    def mark(self):
+        import torch
+
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def summary(self) -> dict:
+        """Marks come in (start, end) pairs per batch; gaps are end(i) -> start(i + 1)."""
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            span = [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        else:
+            span = [b - a for a, b in zip(self.marks, self.marks[1:])]
+        busy, idle = sum(span[0::2]), sum(span[1::2])
+        return {"batches": len(self.marks) // 2, "busy_seconds": busy, "idle_seconds": idle,
+                "idle_fraction": idle / (busy + idle) if busy + idle else 0.0}
+
+
+def _to_device(batch: dict, device) -> dict:
+    """Asynchronous copy through pinned memory (ms-swift's own copy would block until the device
+    has finished the previous batch)."""
     import torch
 
+    if device.type != "cuda":
+        return batch
+    return {k: v.pin_memory().to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
+
+
+def score_probs(model, template, images: list[str], queries: list[str], answer_ids: list[int], *, batch_size: int,
+                workers: int = 0, bucket: bool = True, desc: str = "score", gaps: GpuGaps | None = None) -> np.ndarray:
+    """Answer-set probabilities (queries x symbols), in the order given: one forward pass per
+    batch, logits only at the answer position, batches of similar length, encoding in workers."""
+    import torch
+    from torch.profiler import record_function
+    from torch.utils.data import DataLoader
+
+    order = length_order(images, queries) if bucket else np.arange(len(queries))
+    dataset = _Encoded(template, [images[i] for i in order], [queries[i] for i in order])
+    device = next(model.parameters()).device
+    # one query per worker task, so that all workers encode every batch (a whole batch per worker
+    # would make the first one wait for one process to encode it); padding happens here
+    ahead = -(-2 * batch_size // workers) if workers else None  # per worker: two batches in flight in all
+    encoded = iter(DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=ahead,
+                              collate_fn=lambda x: x))
+    loader = (template.data_collator([next(encoded) for _ in range(min(batch_size, len(order) - start))])
+              for start in range(0, len(order), batch_size))
     keep = _answer_logits_only(model)
+    out = []
+    with torch.inference_mode():
+        ids = None
+        for batch in tqdm(loader, desc=desc, unit="batch", total=-(-len(order) // batch_size), mininterval=5):
+            if gaps is not None:
+                gaps.mark()
+            with record_function("imatch.pre_forward_hook"):
+                _, kwargs = template.pre_forward_hook(model, None, _to_device(batch, device))
+            with record_function("imatch.forward"):
+                logits = model(**kwargs, **keep).logits[:, -1, :]
+            if ids is None:
+                ids = torch.tensor(answer_ids, device=logits.device)
+            out.append(torch.softmax(logits[:, ids].float(), dim=-1))  # stays on the device: no sync per batch
+            if gaps is not None:
+                gaps.mark()
+    probs = np.empty((len(order), len(answer_ids)))
+    probs[order] = torch.cat(out).cpu().numpy() if out else np.empty((0, len(answer_ids)))
+    return probs
+
+
+def score_table(table: pd.DataFrame, model, processor, template, *, task: str, batch_size: int, tau: float,
+                blank_dir: Path | None = None, workers: int = 0, bucket: bool = True) -> pd.DataFrame:
     symbols = levels.OVERALL_LETTERS if task == "overall" else levels.ELEMENT_DIGITS
     tokenizer = getattr(processor, "tokenizer", processor)
-    ids = torch.tensor(answer_token_ids(tokenizer, symbols))
     blanks = {"_dir": str(blank_dir)} if blank_dir is not None else None
-    probs = np.zeros((len(table), len(symbols)))
-    with torch.inference_mode():
-        for start in tqdm(range(0, len(table), batch_size), desc=f"score {task}", unit="batch", mininterval=5):
-            rows = table.iloc[start:start + batch_size]
-            encoded = []
-            for r in rows.itertuples(index=False):
-                image = _blank(r.image, blanks) if blanks is not None else r.image
-                encoded.append(template.encode({"messages": [{"role": "user", "content": r.query}], "images": [image]}))
-            batch = template.data_collator(encoded)
-            _, kwargs = template.pre_forward_hook(model, None, batch)
-            logits = model(**kwargs, **keep).logits[:, -1, :].float()
-            probs[start:start + len(rows)] = torch.softmax(logits[:, ids.to(logits.device)], dim=-1).cpu().numpy()
+    images = [_blank(p, blanks) if blanks is not None else p for p in table["image"]]
+    probs = score_probs(model, template, images, list(table["query"]), answer_token_ids(tokenizer, symbols),
+                        batch_size=batch_size, workers=workers, bucket=bucket, desc=f"score {task}")
     lv = np.arange(1, len(symbols) + 1)
     expected = probs @ lv
     out = table[["id", "task", "split", "img_path", "element"]].copy()
@@ -150,6 +266,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--gpus", type=int, default=0, help="GPUs this job asked for; fail if a different number is visible")
     p.add_argument("--shard", type=int, default=0, help="score only shard K (0-based) of --shards contiguous parts of each set")
     p.add_argument("--shards", type=int, default=1, help="number of shards each set is split into")
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes encoding the next batches (images, template) while the model runs; 0: in line")
+    p.add_argument("--varlen", action=argparse.BooleanOptionalAction, default=True,
+                   help="the vision tower's attention windows in one kernel (imatch.attention), not one call each")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile every transformer block (GPU: fuses the work between GEMMs; ~40 s once)")
+    p.add_argument("--bucket", action=argparse.BooleanOptionalAction, default=True,
+                   help="batch queries of similar length together (less padding); output keeps the set's order")
     p.set_defaults(func=_run)
 
     g = subparsers.add_parser("gather-scores", help="concatenate the shards of a scored set, checking coverage",
@@ -239,13 +363,16 @@ def _run(args) -> int:
         device = "auto"  # a model too large for one GPU: its layers spread over all it was given
     start = time.time()
     model, processor, template = load(args.model, arch, device=device, dtype=args.dtype, base=args.base,
-                                      max_pixels=args.max_pixels)
+                                      max_pixels=args.max_pixels, varlen=args.varlen)
+    if args.compile:
+        print(f"compiled {compile_layers(model)} transformer blocks", flush=True)
     t0 = time.time()
     parts = []
     with tempfile.TemporaryDirectory(prefix="imatch-blank-") as grey:  # the grey stand-in images
         for table, view, _, _ in tables:
             out = score_table(table, model, processor, template, task=task, batch_size=args.batch_size, tau=args.tau,
-                              blank_dir=Path(grey) if view == "blank" else None)
+                              blank_dir=Path(grey) if view == "blank" else None, workers=args.workers,
+                              bucket=args.bucket)
             if len(out) != len(table):
                 raise AssertionError("scoring changed the row count")
             parts.append(out)

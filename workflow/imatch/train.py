@@ -22,7 +22,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from imatch import archs
+from imatch import archs, attention, steptimer
 from imatch.atomic import atomic_path
 from imatch.devices import check_gpus
 from imatch.download import sha256_file
@@ -83,8 +83,17 @@ def swift_command(args, arch: archs.Arch, output_dir: Path, resume: Path | None)
         "--report_to", "none", "--dataloader_num_workers", str(args.workers), "--dataset_num_proc", "1",
         *recipe_flags(args),
     ]
-    if arch.plugin:
-        cmd += ["--external_plugins", arch.plugin]
+    plugins, callbacks = [arch.plugin] if arch.plugin else [], []
+    if args.varlen:  # the vision tower's attention windows in one kernel (imatch.attention)
+        plugins.append(attention.__file__)
+        callbacks.append(attention.NAME)
+    if getattr(args, "step_times", None):  # per-step timings for the benchmark (imatch.steptimer)
+        plugins.append(steptimer.__file__)
+        callbacks.append(steptimer.NAME)
+    if plugins:
+        cmd += ["--external_plugins", *plugins]
+    if callbacks:
+        cmd += ["--callbacks", *callbacks]
     if resume is not None:
         cmd += ["--resume_from_checkpoint", str(resume)]
     return cmd
@@ -159,6 +168,8 @@ def train(args) -> dict:
         env["NPROC_PER_NODE"] = str(args.gpus)
     if args.max_pixels:  # Qwen2.5-VL's own resize reads it; harmless for the others
         env["MAX_PIXELS"] = str(args.max_pixels)
+    if args.step_times:
+        env["IMATCH_STEP_TIMES"] = str(Path(args.step_times).resolve())
     if args.threads:  # torch's CPU threads in the swift process: the cores this job was given
         env["OMP_NUM_THREADS"] = str(args.threads)
     cmd = swift_command(args, arch, args.scratch, resume)
@@ -222,6 +233,8 @@ def add_recipe_arguments(p) -> None:
     g.add_argument("--max-length", type=int, default=2048)
     g.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--varlen", action=argparse.BooleanOptionalAction, default=True,
+                   help="the vision tower's attention windows in one kernel (imatch.attention), not one call each")
     g.add_argument("--save-steps", type=int, default=200, help="checkpoint interval (resume granularity)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--workers", type=int, default=0, help="dataloader workers")
@@ -238,6 +251,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--scratch", type=Path, required=True, help="working folder for checkpoints (resume)")
     p.add_argument("--gpus", type=int, default=0, help="GPUs this job asked for; fail if a different number is visible")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: its default, every core)")
+    p.add_argument("--step-times", type=Path, help="append per-step compute / data-wait seconds here (JSON lines)")
     add_recipe_arguments(p)
     p.set_defaults(func=_run)
 

@@ -301,7 +301,8 @@ def score_flags(wildcards):
     r = {**config["train"], **BACKBONES[wildcards.backbone]["recipe"]}
     return (
         f"--batch-size {s['batch_size']} --dtype {s['dtype']} --device {s['device']}"
-        f" --tau {s['tau']} --max-pixels {r['max_pixels']}"
+        f" --tau {s['tau']} --max-pixels {r['max_pixels']} --workers {s['workers']}"
+        f" {'--compile' if s['compile'] else '--no-compile'}"
     )
 
 

@@ -41,8 +41,13 @@ def build(out: Path, size: str = "tiny", seed: int = 0) -> None:
         extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
                               "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"},
     )
+    # as the official -hf conversion renders messages: an image item becomes `<IMG_CONTEXT>\n`, which
+    # the processor expands to <img><IMG_CONTEXT>...</img> (ms-swift's internvl_hf template does the same)
     tokenizer.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
     text = dict(spec["text"])
@@ -59,7 +64,10 @@ def build(out: Path, size: str = "tiny", seed: int = 0) -> None:
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = InternVLForConditionalGeneration(config)
+    # real size: bf16 from the start, on the GPU when there is one (random init is much faster there)
+    dtype = torch.float32 if size == "tiny" else torch.bfloat16
+    with torch.device("cuda" if size != "tiny" and torch.cuda.is_available() else "cpu"):
+        model = InternVLForConditionalGeneration._from_config(config, dtype=dtype)
     image_processor = GotOcr2ImageProcessor(crop_to_patches=False, size={"height": spec["image"], "width": spec["image"]},
                                             max_patches=1, min_patches=1)
     processor = InternVLProcessor(image_processor=image_processor, tokenizer=tokenizer,

@@ -111,7 +111,8 @@ def build(out: Path, size: str = "tiny", seed: int = 0) -> None:
     torch.manual_seed(seed)
     # real size: random weights made in bf16 directly (~18 GB instead of ~36 GB in fp32)
     dtype = torch.float32 if size == "tiny" else torch.bfloat16
-    model = Ovis2ForConditionalGeneration._from_config(config, dtype=dtype)
+    with torch.device("cuda" if size != "tiny" and torch.cuda.is_available() else "cpu"):  # faster init there
+        model = Ovis2ForConditionalGeneration._from_config(config, dtype=dtype)
     processor = make_processor(tokenizer, image=spec["image"], max_patches=spec["max_patches"], seq_length=seq)
     save_backbone(out, model, processor)
 
