@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from imatch import (__version__, ablation, augment, backbone, baseline, demo_data, download, ensemble, evaluate, ingest,
+from imatch import (__version__, ablation, augment, backbone, baseline, bench, demo_data, download, ensemble, evaluate, ingest,
                     instructions, plots, predict, provenance, pseudo, score, submission, train)
 from imatch.archs import ovis2_convert
 from imatch.errors import InputError
 
 STAGES = [download, demo_data, ingest, augment, instructions, backbone, ovis2_convert, train, score, ensemble, pseudo,
-          baseline, submission, evaluate, ablation, plots, predict, provenance]
+          baseline, submission, evaluate, ablation, plots, predict, provenance, bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,131 @@
+"""The fast paths of the GPU stages give the same answers as the plain ones, and the benchmark that
+measures them runs end to end (tiny models on the CPU: the GPU figures are docs/performance.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("torchvision")
+pytest.importorskip("swift")
+
+from imatch import archs, attention, bench, levels, score  # noqa: E402
+
+
+def per_segment(q, k, v, cu, scale):
+    """What transformers does without a flash implementation: one sdpa call per window."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    return torch.cat([sdpa(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
+                           scale=scale).transpose(0, 1) for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())])
+
+
+def test_segments_in_one_call_equal_one_call_per_segment():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(71, 3, 8) for _ in range(3))
+    cu = torch.tensor([0, 1, 17, 64, 71], dtype=torch.int32)  # uneven windows, one of a single token
+    got = attention.padded_segments_attention(q, k, v, cu, 0.25)
+    assert torch.allclose(got, per_segment(q, k, v, cu, 0.25), atol=1e-6)
+    # and a token attends only within its own window
+    v2 = v.clone()
+    v2[20:64] += 100.0
+    changed = (attention.padded_segments_attention(q, k, v2, cu, 0.25) - got).abs().amax(dim=(1, 2)) > 1e-3
+    assert changed[17:64].all() and not changed[:17].any() and not changed[64:].any()
+
+
+def test_calls_without_segments_are_plain_sdpa():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 1
+    q, k, v = (torch.randn(2, 4, 9, 8) for _ in range(3))
+    mask = torch.ones(2, 1, 9, 9, dtype=torch.bool).tril()
+    ours, _ = attention.varlen_attention_forward(module, q, k, v, mask, scaling=0.3)
+    plain, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)
+    assert torch.equal(ours, plain)
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("perf") / "qwen"
+    archs.get("qwen2_5_vl").build(folder, "tiny", seed=0)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def queries(tmp_path_factory):
+    """Images of three sizes in a shuffled order, so that length bucketing reorders them."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("perf-images")
+    rng = np.random.default_rng(0)
+    images, texts = [], []
+    for i, side in enumerate([56, 112, 56, 84, 112, 56, 84]):
+        path = folder / f"{i}.png"
+        Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(path)
+        images.append(str(path))
+        texts.append("<image>Prompt: a red circle" + " and a blue square" * (i % 3) + "\nHow well? Answer a..o.")
+    return images, texts
+
+
+def test_vision_windows_run_in_one_kernel_call_with_the_same_logits(qwen):
+    from transformers import AutoModelForImageTextToText
+
+    arch = archs.get("qwen2_5_vl")
+    model = AutoModelForImageTextToText.from_pretrained(qwen, attn_implementation="sdpa", dtype=torch.float32)
+    processor = bench.load_plain(qwen, arch, "cpu", torch.float32)[1]
+    from PIL import Image
+
+    image = Path(qwen) / "probe.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (224, 224, 3), dtype=np.uint8)).save(image)
+    inputs = bench.plain_inputs(processor, [str(image)], ["<image>a red circle"], "cpu")
+
+    def run():
+        with torch.profiler.profile() as prof, torch.no_grad():
+            logits = model(**inputs).logits[:, -1]
+        calls = sum(e.count for e in prof.key_averages() if e.key == "aten::scaled_dot_product_attention")
+        return logits, calls
+
+    plain, plain_calls = run()
+    assert attention.enable(model) == 1  # the vision tower only
+    fast, fast_calls = run()
+    assert torch.allclose(plain, fast, atol=1e-5)
+    # 224 px: 16 x 16 patches in 2 x 2 windows of 8 x 8 -> 4 calls in the windowed layer, 1 in the full one
+    text_layers = model.config.text_config.num_hidden_layers
+    assert plain_calls == 4 + 1 + text_layers and fast_calls == 1 + 1 + text_layers
+
+
+def test_bucketed_batches_with_workers_give_each_query_its_own_answer(qwen, queries):
+    """The workflow's scoring path (length buckets, encoding in worker processes, logits at the
+    answer only, the varlen kernel) equals a plain transformers forward per query, in set order."""
+    arch = archs.get("qwen2_5_vl")
+    images, texts = queries
+    model, processor = bench.load_plain(qwen, arch, "cpu", torch.float32)
+    ids = score.answer_token_ids(processor.tokenizer, levels.OVERALL_LETTERS)
+    one_by_one = bench.naive_score(model, bench.plain_batches(processor, images, texts, 1), ids, "cpu")
+    fast_model, _, template = score.load(qwen, arch, device="cpu", dtype="float32", max_pixels=200704)
+    order = score.length_order(images, texts)
+    assert list(order) != list(range(len(images)))  # the buckets do reorder this set
+    got = score.score_probs(fast_model, template, images, texts, ids, batch_size=3, workers=2)
+    assert np.allclose(got, one_by_one, atol=1e-5)
+    assert np.allclose(got.sum(axis=1), 1.0)
+
+
+def test_bench_measures_both_stages_on_tiny_models(tmp_path, imatch):
+    imatch("bench", "--size", "tiny", "--device", "cpu", "--dtype", "float32", "--arch", "qwen2_5_vl",
+           "--score-batches", "56:4", "--queries", "8", "--reference-queries", "4", "--prompts", "4",
+           "--train-image", "56", "--train-batch", "4", "--train-steps", "2", "--workers", "1",
+           "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"))
+    result = json.loads((tmp_path / "out" / "bench.json").read_text())
+    rows = {(r["stage"], r["path"]): r for r in result["rows"]}
+    assert set(rows) == {("score", "naive"), ("score", "workflow"), ("train", "naive"), ("train", "workflow")}
+    assert rows[("score", "workflow")]["max_abs_prob_diff"] < 1e-5  # float32: the same answers
+    for r in rows.values():
+        assert r["per_second"] > 0 and r["tflop_per_item"] > 0 and r["pct_peak"] > 0
+    assert rows[("train", "workflow")]["items"] == 4 * 2  # measured steps x batch, warm-up excluded
+    table = (tmp_path / "out" / "bench.md").read_text()
+    assert table.count("| qwen2_5_vl |") == 4 and "% peak" in table
