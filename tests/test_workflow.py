@@ -231,6 +231,13 @@ def test_real_configuration_dry_runs(workflow):
     overall, element = combine.split("--overall ")[1].split(" --element ")
     assert overall.count("/overall-r2/scores.parquet") == 5
     assert element.split(" --")[0].count("/element-r2/scores.parquet") == 4
+    # nothing of the CPU demo's recipe leaks into the real one (config.yaml is loaded first)
+    lines = (proc.stdout + proc.stderr).splitlines()
+    train = [line for line in lines if line.lstrip().startswith("imatch train")]
+    assert len(train) == 20 and all(" --max-steps 0 " in t and " --varlen " in t for t in train)
+    assert all(("--no-gradient-checkpointing" in t) == ("/qwen2_5-vl-7b/" in t) for t in train)
+    scoring = [line for line in lines if line.lstrip().startswith("imatch score-set")]
+    assert scoring and all(" --compile " in s and " --workers 8 " in s and "--batch-size 64" in s for s in scoring)
 
 
 def test_a_backbone_can_train_on_several_gpus_in_one_job(workflow, tmp_path):
