@@ -135,8 +135,11 @@ class _Encoded:
         return len(self.queries)
 
     def __getitem__(self, i):
-        return self.template.encode({"messages": [{"role": "user", "content": self.queries[i]}],
-                                     "images": [self.images[i]]})
+        try:
+            return self.template.encode({"messages": [{"role": "user", "content": self.queries[i]}],
+                                         "images": [self.images[i]]})
+        except Exception as exc:  # in a worker this reaches the scoring process as text naming the image
+            raise InputError(self.images[i], f"cannot encode the query for this image: {exc!r}") from exc
 
 
 class GpuGaps:
