@@ -201,7 +201,6 @@ def bench_scoring(arch, folder, sets, args, device, dtype, peak, report) -> None
     from imatch import score
 
     rows, probs = [], {}
-    tokenizer_ids = None
     # naive first, on the model as transformers loads it
     budget = int(os.environ["MAX_PIXELS"])  # the largest image size, set in run(): no resizing
     # the yardstick for bf16 rounding: the first queries of each size through the naive path in float32
