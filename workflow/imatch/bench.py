@@ -212,7 +212,6 @@ def bench_scoring(arch, folder, sets, args, device, dtype, peak, report) -> None
     del model
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     model, processor = load_plain(folder, arch, device, dtype, max_pixels=budget)
-    tokenizer_ids = score.answer_token_ids(processor.tokenizer, levels.OVERALL_LETTERS)
     flops = {}
     for size, table in sets.items():
         images, queries = list(table["image"]), list(table["query"])
@@ -222,10 +221,10 @@ def bench_scoring(arch, folder, sets, args, device, dtype, peak, report) -> None
             tokens = int(inputs["input_ids"].shape[1])
         for batch in args.batch_sizes[size]:
             prepared = plain_batches(processor, images, queries, batch)
-            naive_score(model, prepared[:1], tokenizer_ids, device)  # warm-up
+            naive_score(model, prepared[:1], answer_ids, device)  # warm-up
             gaps = score.GpuGaps(device)
             _peak_memory(device, reset=True)
-            p, seconds = timed(lambda: naive_score(model, prepared, tokenizer_ids, device, gaps), device)
+            p, seconds = timed(lambda: naive_score(model, prepared, answer_ids, device, gaps), device)
             probs[("naive", size, batch)] = p
             rows.append(_score_row(arch, "naive", size, batch, tokens, len(queries), seconds, flops[size], peak,
                                    _peak_memory(device), gaps.summary()))
@@ -241,54 +240,43 @@ def bench_scoring(arch, folder, sets, args, device, dtype, peak, report) -> None
     # MAX_PIXELS is read once by qwen_vl_utils
     model, processor, template = score.load(folder, arch, device=device, dtype=args.dtype, max_pixels=budget)
     open_budget(processor, budget)
+
+    def workflow_row(path, size, batch, images, queries) -> dict:
+        """Time score_probs over the set (after a warm-up) and compare it with the naive path."""
+        start = time.perf_counter()
+        score.score_probs(model, template, images[:2 * batch], queries[:2 * batch], answer_ids, batch_size=batch)
+        warm = time.perf_counter() - start
+        gaps = score.GpuGaps(device)
+        _peak_memory(device, reset=True)
+        p, seconds = timed(lambda: score.score_probs(model, template, images, queries, answer_ids, batch_size=batch,
+                                                     workers=args.workers, gaps=gaps), device)
+        ref = probs[("naive", size, batch)]
+        naive = next(r for r in rows if r["path"] == "naive" and r["image"] == size and r["batch"] == batch)
+        row = _score_row(arch, path, size, batch, naive["tokens"], len(queries), seconds, flops[size], peak,
+                         _peak_memory(device), gaps.summary())
+        row["max_abs_prob_diff"] = float(np.abs(p - ref).max())
+        row["max_abs_level_diff"] = float(np.abs((p - ref) @ np.arange(1, 16)).max())
+        row["max_abs_prob_diff_fp32"] = float(np.abs(p[:len(reference[size])] - reference[size]).max())
+        row["speedup"] = row["per_second"] / naive["per_second"]
+        row["vision_attention"] = attention.backend(torch.device(device).type, dtype)
+        row["warmup_seconds"] = round(warm, 1)
+        return row
+
     for size, table in sets.items():
         images, queries = list(table["image"]), list(table["query"])
         for batch in args.batch_sizes[size]:
-            score.score_probs(model, template, images[:batch], queries[:batch], tokenizer_ids, batch_size=batch)
-            gaps = score.GpuGaps(device)
-            _peak_memory(device, reset=True)
-            p, seconds = timed(lambda: score.score_probs(model, template, images, queries, tokenizer_ids,
-                                                         batch_size=batch, workers=args.workers, gaps=gaps), device)
-            ref = probs[("naive", size, batch)]
-            tokens = rows[[r["image"] == size for r in rows].index(True)]["tokens"]
-            row = _score_row(arch, "workflow", size, batch, tokens, len(queries), seconds, flops[size], peak,
-                             _peak_memory(device), gaps.summary())
-            row["max_abs_prob_diff"] = float(np.abs(p - ref).max())
-            lv = np.arange(1, 16)
-            row["max_abs_level_diff"] = float(np.abs(p @ lv - ref @ lv).max())
-            row["max_abs_prob_diff_fp32"] = float(np.abs(p[:len(reference[size])] - reference[size]).max())
-            row["speedup"] = row["per_second"] / next(r["per_second"] for r in rows if r["path"] == "naive"
-                                                      and r["image"] == size and r["batch"] == batch)
-            row["vision_attention"] = attention.backend(torch.device(device).type, dtype)
-            report(row)
+            report(workflow_row("workflow", size, batch, images, queries))
         if args.profile:
-            profile(model, template, images, queries, tokenizer_ids, max(args.batch_sizes[size]), device,
+            profile(model, template, images, queries, answer_ids, max(args.batch_sizes[size]), device,
                     args.out / f"profile-{arch.name}-{size}.txt")
     if args.compile:  # the same path with every transformer block compiled
         print(f"compiled {score.compile_layers(model)} blocks", flush=True)
         for size, table in sets.items():
             images, queries = list(table["image"]), list(table["query"])
             batch = max(args.batch_sizes[size])
-            start = time.perf_counter()
-            score.score_probs(model, template, images[:2 * batch], queries[:2 * batch], tokenizer_ids, batch_size=batch)
-            warm = time.perf_counter() - start
-            gaps = score.GpuGaps(device)
-            _peak_memory(device, reset=True)
-            p, seconds = timed(lambda: score.score_probs(model, template, images, queries, tokenizer_ids,
-                                                         batch_size=batch, workers=args.workers, gaps=gaps), device)
-            ref = probs[("naive", size, batch)]
-            tokens = next(r["tokens"] for r in rows if r["image"] == size)
-            row = _score_row(arch, "workflow+compile", size, batch, tokens, len(queries), seconds, flops[size], peak,
-                             _peak_memory(device), gaps.summary())
-            row["max_abs_prob_diff"] = float(np.abs(p - ref).max())
-            row["max_abs_level_diff"] = float(np.abs((p - ref) @ np.arange(1, 16)).max())
-            row["max_abs_prob_diff_fp32"] = float(np.abs(p[:len(reference[size])] - reference[size]).max())
-            row["speedup"] = row["per_second"] / next(r["per_second"] for r in rows if r["path"] == "naive"
-                                                      and r["image"] == size and r["batch"] == batch)
-            row["compile_warmup_seconds"] = round(warm, 1)
-            report(row)
+            report(workflow_row("workflow+compile", size, batch, images, queries))
             if args.profile:
-                profile(model, template, images, queries, tokenizer_ids, batch, device,
+                profile(model, template, images, queries, answer_ids, batch, device,
                         args.out / f"profile-{arch.name}-{size}-compiled.txt")
     del model
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
