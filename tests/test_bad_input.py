@@ -129,3 +129,46 @@ def test_bad_input_is_named_and_leaves_no_output(case, source, tmp_path, imatch)
 def test_nan_is_not_accepted_silently():
     # Python's json accepts NaN; the check must not rely on the parser rejecting it
     assert math.isnan(json.loads("[NaN]")[0])
+
+
+FILE_LEVEL = {malformed_json}  # nothing to skip: the whole file is unusable
+INPUT_FILES = ("train_list.json", "test.json", "final_test.json")
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c not in FILE_LEVEL], ids=[c.__name__ for c in CASES if c not in FILE_LEVEL])
+def test_skipping_lists_each_bad_record_and_the_counts_add_up(case, source, tmp_path, imatch):
+    import pandas as pd
+
+    filename, message = case(source)
+    out = tmp_path / "out"
+    code, _, err = imatch("ingest", "--source", source, "--out", out, "--skip-bad-records")
+    assert code == 0, err
+    summary = json.loads((out / "ingest_summary.json").read_text())
+    assert any(s["file"] == str(source / filename) and message in f"{s['record']}: {s['reason']}"
+               for s in summary["skipped"]), summary["skipped"]
+    assert f"skipped {len(summary['skipped'])} bad records" in err
+    records = summary["records"]
+    for name in (*INPUT_FILES, "eval.json"):
+        counts = records[str(source / name)]
+        assert counts["read"] == len(json.loads((source / name).read_text()))
+        assert counts["read"] == counts["kept"] + counts["skipped"]
+        assert counts["skipped"] == sum(s["file"] == str(source / name) for s in summary["skipped"])
+    samples, elements = pd.read_parquet(out / "samples.parquet"), pd.read_parquet(out / "elements.parquet")
+    assert len(samples) == sum(records[str(source / n)]["kept"] for n in INPUT_FILES)
+    assert samples["img_path"].is_unique and set(elements["img_path"]) <= set(samples["img_path"])
+    labelled_val = samples[samples["split"] == "val"]
+    assert len(labelled_val) == records[str(source / "eval.json")]["kept"] and labelled_val["total_score"].notna().all()
+
+
+def test_a_file_level_error_stops_even_when_skipping(source, tmp_path, imatch):
+    malformed_json(source)
+    code, _, err = imatch("ingest", "--source", source, "--out", tmp_path / "out", "--skip-bad-records")
+    assert code == 2 and "malformed JSON" in err and not (tmp_path / "out" / "samples.parquet").exists()
+
+
+def test_without_bad_records_skipping_changes_no_table(source, tmp_path, imatch):
+    assert imatch("ingest", "--source", source, "--out", tmp_path / "strict")[0] == 0
+    assert imatch("ingest", "--source", source, "--out", tmp_path / "skip", "--skip-bad-records")[0] == 0
+    for name in ("samples.parquet", "elements.parquet"):
+        assert (tmp_path / "strict" / name).read_bytes().replace(b"strict", b"skip") == (tmp_path / "skip" / name).read_bytes()
+    assert json.loads((tmp_path / "skip" / "ingest_summary.json").read_text())["skipped"] == []

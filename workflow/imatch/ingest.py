@@ -5,13 +5,17 @@ when given) and optionally a final-test list; unpacks the split image zip once (
 parts are unchanged) or uses an images/ folder as it is; validates every record and image; carves
 a labelled `holdout` split out of train by prompt_id (no prompt on both sides, deterministic by
 seed). Any bad record stops the stage with an error naming the file and the record; nothing is
-written unless everything is valid. Ground truth is the mean over annotators.
+written unless everything is valid. With `--skip-bad-records` (for a large download with a few
+broken images) a bad record is left out instead and listed, with its reason, in the summary,
+whose per-file counts add up: read = kept + skipped. Errors of a whole file (missing, not JSON)
+stop the stage either way. Ground truth is the mean over annotators.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -19,6 +23,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from imatch import integrity
 from imatch.atomic import atomic_path, write_json, write_parquet
 from imatch.errors import InputError, record_label
 from imatch.zipparts import safe_extract
@@ -34,6 +39,28 @@ SAMPLE_COLUMNS = [
 ]
 ELEMENT_COLUMNS = ["img_path", "element", "phrase", "category", "score"]
 UNPACK_STAMP = ".imatch-unpacked.json"
+
+
+class Skips:
+    """What to do with a bad record: raise its InputError (strict, the default), or, when skipping
+    is allowed, remember file, record and reason and go on."""
+
+    def __init__(self, allowed: bool):
+        self.allowed = allowed
+        self.rows: list[dict] = []
+
+    def handle(self, exc: InputError, img_path: str | None = None) -> None:
+        if not self.allowed:
+            raise exc
+        self.rows.append({"file": exc.path, "record": exc.record, "img_path": img_path, "reason": exc.message})
+
+    def counts(self, read: dict[str, int]) -> dict[str, dict[str, int]]:
+        """Per file: records read, kept and skipped (read = kept + skipped)."""
+        out = {}
+        for path, n in read.items():
+            skipped = sum(r["file"] == path for r in self.rows)
+            out[path] = {"read": n, "kept": n - skipped, "skipped": skipped}
+        return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,7 +94,8 @@ def split_element_key(key: str) -> tuple[str, str] | None:
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    # an int is finite (math.isfinite(10**400) would raise OverflowError); the range check follows
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and (isinstance(v, int) or math.isfinite(v))
 
 
 def _score(value, *, lo: float, hi: float, field: str, path: Path, label: str) -> tuple[float | None, int]:
@@ -90,7 +118,7 @@ def parse_record(rec, index: int, path: Path, *, require_labels: bool) -> tuple[
     for field in REQUIRED_FIELDS:
         if rec.get(field) in (None, ""):
             raise InputError(path, f"missing required field {field!r}", label)
-    for field in ("prompt_id", "prompt", "img_path"):
+    for field in ("prompt_id", "prompt", "type", "img_path"):
         if not isinstance(rec[field], str):
             raise InputError(path, f"{field} must be a string, got {rec[field]!r}", label)
     if rec["type"] not in PROMPT_TYPES:
@@ -107,7 +135,7 @@ def parse_record(rec, index: int, path: Path, *, require_labels: bool) -> tuple[
         elements = {}
     if not isinstance(elements, dict):
         raise InputError(path, f"element_score must be an object, got {type(elements).__name__}", label)
-    if require_labels and not elements and "element_score" not in rec:
+    if require_labels and rec.get("element_score") is None:
         raise InputError(path, "missing required field 'element_score' (labelled file)", label)
 
     meaningless = next((rec[k] for k in MEANINGLESS_KEYS if k in rec), None)
@@ -134,53 +162,79 @@ def parse_record(rec, index: int, path: Path, *, require_labels: bool) -> tuple[
     return row, element_rows
 
 
-def parse_file(path: Path, split: str, *, require_labels: bool) -> tuple[list[dict], list[dict]]:
-    rows, elements = [], []
-    for i, rec in enumerate(load_records(path)):
-        row, els = parse_record(rec, i, path, require_labels=require_labels)
+def parse_file(path: Path, split: str, *, require_labels: bool, skips: Skips | None = None
+               ) -> tuple[list[dict], int]:
+    """(rows, records read); each row carries its element rows under `_elements`."""
+    skips = skips or Skips(False)
+    records = load_records(path)
+    rows = []
+    for i, rec in enumerate(records):
+        try:
+            row, els = parse_record(rec, i, path, require_labels=require_labels)
+        except InputError as exc:
+            skips.handle(exc, rec.get("img_path") if isinstance(rec, dict) else None)
+            continue
         row["split"] = split
+        row["_elements"] = els
         rows.append(row)
-        elements.extend(els)
-    return rows, elements
+    return rows, len(records)
 
 
-def join_labels(rows: list[dict], elements: list[dict], eval_path: Path) -> list[dict]:
-    """Fill the val rows' labels from eval.json (official means format); return new element rows."""
-    by_img = {r["img_path"]: r for r in rows}
-    given: dict[str, list[dict]] = {}
-    for e in elements:
-        given.setdefault(e["img_path"], []).append(e)
-    seen: set[str] = set()
+def _eval_elements(rec: dict, row: dict, eval_path: Path, label: str) -> tuple[float, list[dict]]:
+    """Total score and element rows of one eval.json record for its val input row."""
+    if rec.get("total_score") is None:
+        raise InputError(eval_path, "missing required field 'total_score'", label)
+    total, _ = _score(rec["total_score"], lo=1, hi=5, field="total_score", path=eval_path, label=label)
+    scores = rec.get("element_score")
+    if not isinstance(scores, dict):
+        raise InputError(eval_path, "missing required field 'element_score'", label)
+    keys = [e["element"] for e in row["_elements"]]
+    if keys and set(keys) != set(scores):
+        raise InputError(eval_path, f"element keys {sorted(scores)} differ from the inputs' {sorted(keys)}", label)
     joined = []
-    for i, rec in enumerate(load_records(eval_path)):
+    for key in keys or list(scores):
+        parts = split_element_key(key)
+        if parts is None:
+            raise InputError(eval_path, f"element key {key!r} has no ' (<category>)' suffix", label)
+        score, _ = _score(scores[key], lo=0, hi=1, field=f"element_score[{key!r}]", path=eval_path, label=label)
+        joined.append({"img_path": row["img_path"], "element": key, "phrase": parts[0], "category": parts[1], "score": score})
+    return total, joined
+
+
+def join_labels(rows: list[dict], eval_path: Path, *, skips: Skips | None = None, val_path: Path | None = None,
+                skipped_inputs: frozenset = frozenset()) -> tuple[list[dict], int]:
+    """Fill the val rows' labels from eval.json (official means format): (labelled rows, records read).
+    When skipping, labels of skipped inputs are skipped too, and so are inputs left without labels."""
+    skips = skips or Skips(False)
+    by_img = {r["img_path"]: r for r in rows}
+    labelled: dict[str, tuple[float, list[dict]]] = {}
+    records = load_records(eval_path)
+    for i, rec in enumerate(records):
         label = record_label(i, rec)
-        if not isinstance(rec, dict) or not isinstance(rec.get("img_path"), str):
-            raise InputError(eval_path, "missing required field 'img_path'", label)
-        img = rec["img_path"]
-        if img not in by_img:
-            raise InputError(eval_path, "labels for an unknown image (not in the validation inputs)", label)
-        if img in seen:
-            raise InputError(eval_path, "duplicate img_path", label)
-        seen.add(img)
-        if rec.get("total_score") is None:
-            raise InputError(eval_path, "missing required field 'total_score'", label)
-        by_img[img]["total_score"], _ = _score(rec["total_score"], lo=1, hi=5, field="total_score", path=eval_path, label=label)
-        scores = rec.get("element_score")
-        if not isinstance(scores, dict):
-            raise InputError(eval_path, "missing required field 'element_score'", label)
-        keys = [e["element"] for e in given.get(img, [])]
-        if keys and set(keys) != set(scores):
-            raise InputError(eval_path, f"element keys {sorted(scores)} differ from the inputs' {sorted(keys)}", label)
-        for key in keys or list(scores):
-            parts = split_element_key(key)
-            if parts is None:
-                raise InputError(eval_path, f"element key {key!r} has no ' (<category>)' suffix", label)
-            score, _ = _score(scores[key], lo=0, hi=1, field=f"element_score[{key!r}]", path=eval_path, label=label)
-            joined.append({"img_path": img, "element": key, "phrase": parts[0], "category": parts[1], "score": score})
-    missing = sorted(set(by_img) - seen)
-    if missing:
+        img = rec.get("img_path") if isinstance(rec, dict) else None
+        try:
+            if not isinstance(img, str):
+                raise InputError(eval_path, "missing required field 'img_path'", label)
+            if img not in by_img:
+                why = "its input record was skipped" if img in skipped_inputs else "not in the validation inputs"
+                raise InputError(eval_path, f"labels for an unknown image ({why})", label)
+            if img in labelled:
+                raise InputError(eval_path, "duplicate img_path", label)
+            labelled[img] = _eval_elements(rec, by_img[img], eval_path, label)
+        except InputError as exc:
+            skips.handle(exc, img if isinstance(img, str) else None)
+    missing = [img for img in by_img if img not in labelled]
+    if missing and not skips.allowed:
         raise InputError(eval_path, f"{len(missing)} validation images have no labels, e.g. {missing[0]!r}")
-    return joined
+    kept = []
+    for row in rows:
+        if row["img_path"] in labelled:
+            row["total_score"], row["_elements"] = labelled[row["img_path"]]
+            kept.append(row)
+        else:
+            skips.handle(InputError(val_path or eval_path, f"no labels in {eval_path}",
+                                    f"img_path={row['img_path']!r}"), row["img_path"])
+    return kept, len(records)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,20 +266,33 @@ def resolve_images(source: Path, out: Path) -> Path:
     return (unpacked / "images" if (unpacked / "images").is_dir() else unpacked).resolve()
 
 
-def check_images(rows: list[dict], images_root: Path, source_of: dict[str, Path]) -> None:
-    """Every record's image exists and decodes; record absolute path and size."""
+def _check_image(row: dict, images_root: Path, source: Path) -> None:
+    path = images_root / row["img_path"]
+    label = f"img_path={row['img_path']!r}"
+    if not path.is_file():
+        raise InputError(source, f"image not found: {path}", label)
+    try:
+        with Image.open(path) as im:
+            row["width"], row["height"] = im.size
+            im.verify()
+    except Exception as exc:  # PIL raises many types for unreadable files
+        raise InputError(source, f"unreadable image {path}: {exc}", label) from None
+    row["image"] = str(path)
+
+
+def check_images(rows: list[dict], images_root: Path, source_of: dict[str, Path], skips: Skips | None = None
+                 ) -> list[dict]:
+    """The rows whose image exists and decodes, with absolute path and size recorded."""
+    skips = skips or Skips(False)
+    kept = []
     for row in tqdm(rows, desc="check images", unit="img", mininterval=2):
-        path = images_root / row["img_path"]
-        label = f"img_path={row['img_path']!r}"
-        if not path.is_file():
-            raise InputError(source_of[row["img_path"]], f"image not found: {path}", label)
         try:
-            with Image.open(path) as im:
-                row["width"], row["height"] = im.size
-                im.verify()
-        except Exception as exc:  # PIL raises many types for unreadable files
-            raise InputError(source_of[row["img_path"]], f"unreadable image {path}: {exc}", label) from None
-        row["image"] = str(path)
+            _check_image(row, images_root, source_of[row["img_path"]])
+        except InputError as exc:
+            skips.handle(exc, row["img_path"])
+            continue
+        kept.append(row)
+    return kept
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,29 +318,39 @@ def ingest(
     seed: int = 0,
     eval_json: Path | None = None,
     final_test: Path | None = None,
+    skip_bad_records: bool = False,
 ) -> dict:
     source, out = Path(source), Path(out)
     if not source.is_dir():
         raise InputError(source, "source folder not found")
+    integrity.verify(source, exact=False)  # a download: its files as fetched, before any is read
+    skips = Skips(skip_bad_records)
     files = {"train": source / "train_list.json", "val": source / "test.json"}
-    rows, elements = parse_file(files["train"], "train", require_labels=True)
-    val_rows, val_elements = parse_file(files["val"], "val", require_labels=False)
-    if eval_json is not None:
-        val_elements = join_labels(val_rows, val_elements, eval_json)
-    rows += val_rows
-    elements += val_elements
     if final_test is not None:
-        test_rows, test_elements = parse_file(final_test, "test", require_labels=False)
-        files["test"] = final_test
-        rows += test_rows
-        elements += test_elements
+        files["test"] = Path(final_test)
+    read: dict[str, int] = {}
+    rows = []
+    for split, path in files.items():
+        split_rows, read[str(path)] = parse_file(path, split, require_labels=split == "train", skips=skips)
+        rows += split_rows
 
+    # one record per image: the first one wins, a later one is the duplicate
     source_of: dict[str, Path] = {}
+    unique = []
     for row in rows:
-        split_file = files["train" if row["split"] == "train" else row["split"]]
+        split_file = files[row["split"]]
         if row["img_path"] in source_of:
-            raise InputError(split_file, f"duplicate img_path (also in {source_of[row['img_path']]})", f"img_path={row['img_path']!r}")
+            skips.handle(InputError(split_file, f"duplicate img_path (also in {source_of[row['img_path']]})",
+                                    f"img_path={row['img_path']!r}"), row["img_path"])
+            continue
         source_of[row["img_path"]] = split_file
+        unique.append(row)
+    rows = unique
+    if eval_json is not None:
+        skipped_inputs = frozenset(r["img_path"] for r in skips.rows if r["file"] == str(files["val"]))
+        val_rows, read[str(eval_json)] = join_labels([r for r in rows if r["split"] == "val"], eval_json, skips=skips,
+                                                     val_path=files["val"], skipped_inputs=skipped_inputs)
+        rows = [r for r in rows if r["split"] != "val"] + val_rows
 
     held = holdout_prompts([r["prompt_id"] for r in rows if r["split"] == "train"], holdout_fraction, seed)
     for row in rows:
@@ -281,7 +358,10 @@ def ingest(
             row["split"] = "holdout"
 
     images_root = resolve_images(source, out)
-    check_images(rows, images_root, source_of)
+    rows = check_images(rows, images_root, source_of, skips)
+    if not any(r["split"] in ("train", "holdout") for r in rows):
+        raise InputError(files["train"], "no usable training records")
+    elements = [e for row in rows for e in row.pop("_elements")]
 
     samples = pd.DataFrame(rows, columns=SAMPLE_COLUMNS)
     samples["split"] = pd.Categorical(samples["split"], categories=SPLITS)
@@ -309,6 +389,9 @@ def ingest(
         "labelled": {s: int(samples.loc[samples["split"] == s, "total_score"].notna().sum()) for s in SPLITS},
         "elements": {s: int(element_df["img_path"].isin(samples.loc[samples["split"] == s, "img_path"]).sum()) for s in SPLITS},
         "prompts": {s: int(samples.loc[samples["split"] == s, "prompt_id"].nunique()) for s in SPLITS},
+        "skip_bad_records": skip_bad_records,
+        "records": skips.counts(read),
+        "skipped": skips.rows,
     }
     write_json(summary, out / "ingest_summary.json")
     return summary
@@ -334,6 +417,9 @@ def add_parser(subparsers) -> None:
                    help="final-test input list in the test.json format (default: SOURCE/final_test.json when "
                         "present); relative paths are taken from SOURCE")
     p.add_argument("--no-final-test", action="store_true", help="ingest no test split")
+    p.add_argument("--skip-bad-records", action="store_true",
+                   help="leave bad records out (listed with their reason in ingest_summary.json) instead of "
+                        "stopping at the first one; errors of a whole file still stop")
     p.set_defaults(func=_run)
 
 
@@ -352,6 +438,11 @@ def _run(args) -> int:
         args.source, args.out, holdout_fraction=args.holdout_fraction, seed=args.seed,
         eval_json=_optional_file(args.source, args.eval_json, "eval.json", args.no_eval_json),
         final_test=_optional_file(args.source, args.final_test, "final_test.json", args.no_final_test),
+        skip_bad_records=args.skip_bad_records,
     )
     print(json.dumps({k: summary[k] for k in ("samples", "labelled", "elements")}))
+    if summary["skipped"]:
+        print(f"skipped {len(summary['skipped'])} bad records (listed in {args.out / 'ingest_summary.json'}):", file=sys.stderr)
+        for path, n in summary["records"].items():
+            print(f"  {path}: read {n['read']}, kept {n['kept']}, skipped {n['skipped']}", file=sys.stderr)
     return 0

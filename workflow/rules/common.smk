@@ -2,6 +2,7 @@
 import ast
 import copy
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -62,7 +63,8 @@ def code(module):
                 base = node.module.partition(".")[2]
                 todo.append(base) if base else None
                 todo.extend(f"{base}.{a.name}" if base else a.name for a in node.names)
-    return sorted(str(_module_file(name)) for name in seen)
+    # relative to the working directory: a results tree moved with its checkout stays up to date
+    return sorted(os.path.relpath(_module_file(name)) for name in seen)
 
 
 def source_input():
@@ -103,6 +105,8 @@ def ingest_options(wildcards, input):
         options.append(f"--eval-json {Path(input.eval_json).resolve()}")
     if "final_test" in input.keys():
         options.append(f"--final-test {Path(input.final_test).resolve()}")
+    if config["ingest"]["skip_bad_records"]:
+        options.append("--skip-bad-records")
     return " ".join(options)
 
 
