@@ -44,11 +44,13 @@ def atomic_path(target, *, directory: bool = False):
         if directory and target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # a full disk, a refused permission: say which artifact
+            raise OSError(exc.errno, f"{target} not written: {exc}") from exc
         raise
 
 

@@ -3,7 +3,8 @@
 `tiny-backbone` builds a random-weight backbone of a real architecture offline (tiny for tests and
 the embedded default, real size for GPU benchmarks). `download-backbone` fetches a checkpoint from
 the HF hub at a pinned revision through the hub boundary and writes a sha256 manifest, as
-`download` does for the data. Both write the folder atomically.
+`download` does for the data. Both write the folder atomically; every job that loads the folder
+checks it against the manifest first (`imatch.integrity`).
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import json
 from pathlib import Path
 
 from imatch import archs, hub
-from imatch.atomic import atomic_path, write_json
-from imatch.download import MANIFEST, build_manifest
+from imatch.atomic import atomic_path
+from imatch.integrity import seal
 
 
 def tiny_backbone(arch: str, out: Path, *, size: str, seed: int) -> None:
@@ -23,14 +24,12 @@ def tiny_backbone(arch: str, out: Path, *, size: str, seed: int) -> None:
     with atomic_path(out, directory=True) as tmp:
         spec.build(tmp, size=size, seed=seed)
         (tmp / "imatch-backbone.json").write_text(json.dumps({"arch": arch, "size": size, "seed": seed, "random_weights": True}))
+        seal(tmp)  # checked by every job that loads it
 
 
 def download_backbone(repo_id: str, revision: str, out: Path) -> dict:
     commit = hub.snapshot(repo_id, revision=revision, local_dir=out, repo_type="model")
-    manifest = {"repo_id": repo_id, "repo_type": "model", "revision": revision, "commit": commit,
-                "files": build_manifest(out)}
-    write_json(manifest, out / MANIFEST)
-    return manifest
+    return seal(out, repo_id=repo_id, repo_type="model", revision=revision, commit=commit)
 
 
 def add_parser(subparsers) -> None:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 
 from imatch import (__version__, ablation, augment, backbone, baseline, bench, demo_data, download, ensemble, evaluate, ingest,
-                    instructions, plots, predict, provenance, pseudo, score, submission, train)
+                    instructions, integrity, plots, predict, provenance, pseudo, reproducibility, score, submission, train)
 from imatch.archs import ovis2_convert
 from imatch.errors import InputError
 
-STAGES = [download, demo_data, ingest, augment, instructions, backbone, ovis2_convert, train, score, ensemble, pseudo,
-          baseline, submission, evaluate, ablation, plots, predict, provenance, bench]
+STAGES = [download, integrity, demo_data, ingest, augment, instructions, backbone, ovis2_convert, train, score, ensemble, pseudo,
+          baseline, submission, evaluate, ablation, plots, predict, provenance, reproducibility, bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG)
+
+
+def _storage_error(exc: OSError) -> bool:
+    """Whether `exc` is the storage refusing a write (pyarrow puts the errno only in its message)."""
+    return exc.errno in STORAGE_ERRNOS or any(os.strerror(e) in str(exc) for e in STORAGE_ERRNOS)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
@@ -33,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"imatch {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if not _storage_error(exc):
+            raise
+        # a full disk or a folder it may not write: the outputs were not replaced (imatch.atomic)
+        print(f"imatch {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     if code == 0:
         provenance.record(args, argv)  # what the outputs were made from, for `imatch audit`
     return code

@@ -28,12 +28,17 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def build_manifest(root: Path, *, exclude=(MANIFEST,)) -> list[dict]:
-    files = sorted(
+def manifest_files(root: Path, *, exclude=(MANIFEST,)) -> list[Path]:
+    """The files a manifest of `root` lists: all but hidden ones (hub caches) and provenance records."""
+    return sorted(
         p for p in root.rglob("*")
         if p.is_file() and p.name not in exclude and not p.name.endswith(".prov.json")
         and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
+
+
+def build_manifest(root: Path, *, exclude=(MANIFEST,)) -> list[dict]:
+    files = manifest_files(root, exclude=exclude)
     return [
         {"path": p.relative_to(root).as_posix(), "size": p.stat().st_size, "sha256": sha256_file(p)}
         for p in tqdm(files, desc="sha256", unit="file")

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from imatch import archs, attention, levels
+from imatch import archs, attention, integrity, levels
 from imatch.atomic import write_parquet
 from imatch.devices import check_gpus
 from imatch.errors import InputError
@@ -62,6 +62,8 @@ def load(model_dir: Path, arch: archs.Arch, *, device: str, dtype: str, base: Pa
     source = Path(base) if adapter else Path(model_dir)
     if adapter and base is None:
         raise InputError(model_dir, "a LoRA adapter needs --base (the backbone it was trained on)")
+    for folder in (model_dir, base) if adapter else (model_dir,):
+        integrity.verify(folder)  # a damaged file stops here, named, before it is loaded
     model, processor = get_model_processor(str(source), model_type=arch.swift_model_type, torch_dtype=torch_dtype,
                                            device_map=device, download_model=False, use_hf=True, attn_impl="sdpa")
     if adapter:

@@ -22,7 +22,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from imatch import archs, attention, steptimer
+from imatch import archs, attention, integrity, steptimer
 from imatch.atomic import atomic_path
 from imatch.devices import check_gpus
 from imatch.download import sha256_file
@@ -158,6 +158,7 @@ def train(args) -> dict:
         if rows == 0:
             raise InputError(dataset, "training set is empty")
         n_rows += rows
+    integrity.verify(args.model)  # the backbone, before swift loads it
     data_hash = [sha256_file(Path(d)) for d in args.dataset]
     fingerprint = {"command": swift_command(args, arch, args.scratch, None), "data_sha256": data_hash}
     resume = prepare_scratch(args.scratch, fingerprint)
@@ -210,6 +211,7 @@ def train(args) -> dict:
                 continue
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
         (tmp / "training.json").write_text(json.dumps(record, indent=1))
+        integrity.seal(tmp)  # scoring checks the adapter against it before loading
     return record
 
 

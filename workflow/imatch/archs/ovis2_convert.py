@@ -214,10 +214,14 @@ def add_parser(subparsers) -> None:
 def _run(args) -> int:
     from imatch.atomic import atomic_path
 
+    from imatch.integrity import seal, verify
+
     if not args.src.is_dir():
         raise InputError(args.src, "not a folder")
+    verify(args.src)
     with atomic_path(args.out, directory=True) as tmp:
         convert(args.src, tmp, max_patches=args.max_patches)
+        seal(tmp, converted_from=str(args.src))
     index = json.loads((args.out / "model.safetensors.index.json").read_text())
     print(json.dumps({"out": str(args.out), "tensors": len(index["weight_map"])}))
     return 0
