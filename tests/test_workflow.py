@@ -6,15 +6,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
-from wfhelpers import SMALL, planned_jobs, planned_outputs, snakemake
+from wfhelpers import SMALL, planned_jobs, planned_outputs, snakemake, snakemake_command
 
 
 def test_full_run_produces_metrics_and_submission(workflow):
@@ -271,3 +273,73 @@ def test_code_change_reruns_only_that_stage_and_downstream(workflow):
     assert jobs == {"evaluate", "metrics_summary", "plot_scatter", "plot_categories", "plot_curves", "all"}
     snakemake(wd, configs=[small])
     assert planned_jobs(snakemake(wd, "-n", configs=[small])) == set()
+
+
+def test_a_killed_run_resumes_with_rerun_incomplete_and_ends_like_an_uninterrupted_one(workflow, tmp_path):
+    """A copy of the finished run loses one model's two score shards and their gathered table, and
+    Snakemake remakes that table one job at a time; the whole Snakemake process group is SIGKILLed
+    (a lost login node) once one shard is written and the other's job has started. After
+    `--unlock`, `--rerun-incomplete` redoes only the unfinished shard, and every artifact equals the
+    uninterrupted run's, with nothing left to do."""
+    from imatch.reproducibility import compare
+
+    wd, _ = workflow
+    copy = tmp_path / "wd"
+    shutil.copytree(wd, copy, symlinks=True)
+    small = copy / "small.yaml"
+    folder = "results/scores/tiny-internvl/overall-r2"
+    target = f"{folder}/scores.parquet"
+    shards = [copy / folder / "shards" / f"{k}.parquet" for k in (0, 1)]
+    logs = [copy / f"results/logs/score/tiny-internvl_overall-r2.{k}.log" for k in (0, 1)]
+    for path in (*shards, copy / target):
+        path.unlink()
+    old_logs = [p.stat().st_mtime_ns for p in logs]
+    log = tmp_path / "killed-run.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(snakemake_command(copy, target, configs=[small], cores=1), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+    def started():  # score jobs whose log the shell has opened in this run
+        return [k for k in (0, 1) if logs[k].stat().st_mtime_ns != old_logs[k]]
+
+    deadline = time.time() + 600
+    while not (len(started()) == 2 and sum(p.exists() for p in shards) == 1):
+        assert proc.poll() is None and time.time() < deadline, f"the run ended before the kill point:\n{log.read_text()[-3000:]}"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # Snakemake and the job it runs
+    proc.wait()
+    done = 0 if shards[0].exists() else 1
+    killed = 1 - done
+    assert not shards[killed].exists()  # atomic writes: the killed job left nothing that looks complete
+    done_at = shards[done].stat().st_mtime_ns
+
+    # the killed Snakemake left its lock: a new run refuses to start until it is removed
+    assert any((copy / ".snakemake" / "locks").iterdir())
+    assert "cannot be locked" in snakemake(copy, target, "--rerun-incomplete", configs=[small], check=False).stderr
+    snakemake(copy, "--unlock", configs=[small])
+    outputs = planned_outputs(snakemake(copy, target, "-n", "--rerun-incomplete", configs=[small]))
+    rel = [str(p.relative_to(copy)) for p in shards]
+    assert rel[killed] in outputs and rel[done] not in outputs and target in outputs
+    snakemake(copy, target, "--rerun-incomplete", configs=[small])
+    assert shards[done].stat().st_mtime_ns == done_at  # the finished shard was not scored again
+    table = compare(wd / "results", copy / "results")
+    assert len(table) > 50 and table[table["status"] != "identical"].empty, table[table["status"] != "identical"]
+    # the remade table has the same content: nothing downstream needs to run again
+    assert planned_jobs(snakemake(copy, "-n", configs=[small])) == set()
+
+
+def test_the_ensemble_predicts_every_image_and_element_key_once(workflow):
+    wd, _ = workflow
+    results = wd / "results"
+    samples, elements = pd.read_parquet(results / "data" / "samples.parquet"), pd.read_parquet(results / "data" / "elements.parquet")
+    splits = sorted(p.name for p in (results / "predictions" / "ensemble").iterdir() if p.is_dir())
+    assert splits == ["holdout", "test", "val"]
+    for split in splits:
+        images = samples.loc[samples["split"] == split, "img_path"]
+        keys = elements[elements["img_path"].isin(images)][["img_path", "element"]]
+        pred = pd.read_parquet(results / "predictions" / "ensemble" / split / "predictions.parquet")
+        pred_el = pd.read_parquet(results / "predictions" / "ensemble" / split / "element_predictions.parquet")
+        assert pred["img_path"].is_unique and sorted(pred["img_path"]) == sorted(images)
+        assert not pred_el.duplicated(["img_path", "element"]).any()
+        assert sorted(map(tuple, pred_el[["img_path", "element"]].values)) == sorted(map(tuple, keys.values))
+        assert pred["total_score"].notna().all() and pred_el["score"].notna().all()

@@ -32,9 +32,14 @@ def copy_workflow(dest: Path) -> tuple[Path, Path]:
     return dest, small
 
 
+def snakemake_command(workdir: Path, *args: str, configs=(), cores: int = 2) -> list[str]:
+    # targets and flags first: --configfile takes every word after it
+    return [str(SNAKEMAKE), "-s", str(workdir / "Snakefile"), "-d", str(workdir), "--cores", str(cores), *args,
+            "--configfile", str(workdir / "config" / "config.yaml"), *map(str, configs)]
+
+
 def snakemake(workdir: Path, *args: str, configs=(), check=True) -> subprocess.CompletedProcess:
-    cmd = [str(SNAKEMAKE), "-s", str(workdir / "Snakefile"), "-d", str(workdir), "--cores", "2",
-           "--configfile", str(workdir / "config" / "config.yaml"), *map(str, configs), *args]
+    cmd = snakemake_command(workdir, *args, configs=configs)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")
