@@ -27,6 +27,17 @@ from imatch.atomic import write_json
 from imatch.errors import InputError, record_label
 
 HIT_THRESHOLD = 0.5  # official binarisation of element scores (>=)
+# The judge passes maxfev=1e8: on some predictions (tiny or huge totals) MINPACK never converges and
+# runs for hours, then raises. Realistic fits need < 1e5 evaluations; past this cap PLCC is undefined.
+MAXFEV = 10**6
+
+
+def _finite(v) -> bool:
+    """A JSON number usable as a float: not a bool, NaN, +-Infinity or an int beyond float range."""
+    try:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def logistic(x, b1, b2, b3, b4):
@@ -41,7 +52,10 @@ def _fit_logistic(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", OptimizeWarning)
         warnings.simplefilter("ignore", RuntimeWarning)
-        popt, _ = curve_fit(logistic, x, y, p0=p0, maxfev=int(1e8))
+        try:
+            popt, _ = curve_fit(logistic, x, y, p0=p0, maxfev=MAXFEV)
+        except RuntimeError:  # no convergence within MAXFEV evaluations
+            return np.full(len(x), np.nan)  # -> PLCC NaN
     return logistic(x, *popt)
 
 
@@ -93,8 +107,10 @@ def score(gt_records: list[dict], pred_records: list[dict], *, gt_path="ground t
             raise InputError(pred_path, f"missing element keys {missing}", f"img_path={g['img_path']!r}")
     y = np.array([r["total_score"] for r in gt], dtype=float)
     x = np.array([r["total_score"] for r in pred], dtype=float)
-    if len(y) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        srcc = plcc = plcc_rev = float("nan")  # correlation undefined for constant scores
+    # correlation undefined for constant scores; the 4-parameter logistic needs >= 4 images
+    # (curve_fit raises TypeError on fewer points)
+    if len(y) < 4 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        srcc = plcc = plcc_rev = float("nan")
     else:
         from scipy.stats import spearmanr
 
@@ -103,6 +119,10 @@ def score(gt_records: list[dict], pred_records: list[dict], *, gt_path="ground t
         plcc_rev = plcc_pred_to_gt(y, x)
     acc, n_elements = element_accuracy([r["element_score"] for r in gt], [r["element_score"] for r in pred])
     final = srcc / 4 + plcc / 4 + acc / 2
+    if math.isnan(final):  # the judge's NaN; reported as null, but never silently
+        undefined = ", ".join(k for k, v in (("SRCC", srcc), ("PLCC", plcc), ("ACC", acc)) if math.isnan(v))
+        warnings.warn(f"{pred_path}: final score undefined ({undefined} undefined: fewer than 4 images, constant "
+                      "total scores, a flat or non-converging logistic fit, or no elements); reported as null", stacklevel=2)
     return {
         "srcc": _nan_to_none(srcc),
         "plcc": _nan_to_none(plcc),
@@ -140,13 +160,13 @@ def load_official(path: Path) -> list[dict]:
         if not isinstance(rec.get("img_path"), str):
             raise InputError(path, "missing required field 'img_path'", label)
         value = rec.get("total_score")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not _finite(value):
             raise InputError(path, f"total_score must be a finite number, got {value!r}", label)
         elements = rec.get("element_score")
         if not isinstance(elements, dict):
             raise InputError(path, "missing required field 'element_score'", label)
         for key, v in elements.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            if not _finite(v):
                 raise InputError(path, f"element_score[{key!r}] must be a finite number, got {v!r}", label)
     return data
 
