@@ -50,7 +50,8 @@ def atomic_path(target, *, directory: bool = False):
         else:
             tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError):  # a full disk, a refused permission: say which artifact
-            raise OSError(exc.errno, f"{target} not written: {exc}") from exc
+            message = f"{target} not written: {exc}"
+            raise (OSError(exc.errno, message) if exc.errno is not None else OSError(message)) from exc
         raise
 
 

@@ -22,7 +22,6 @@ import pandas as pd
 from imatch.atomic import write_text
 
 STAGES = ("data", "instructions", "models", "scores", "element_levels", "pseudo", "predictions", "metrics")
-TIMED = ("training.json", "logging.jsonl", "README.md")  # files of a model folder with times in them
 
 
 def _files(results: Path, stages) -> dict[str, Path]:
@@ -32,8 +31,8 @@ def _files(results: Path, stages) -> dict[str, Path]:
             rel = path.relative_to(results)
             if not path.is_file() or path.name.endswith(".prov.json") or any(p.startswith(".") for p in rel.parts):
                 continue  # provenance records hold times; hidden files are caches (mtime stamps)
-            if stage == "models" and (path.name in TIMED or path.suffix != ".safetensors"):
-                continue
+            if stage == "models" and path.suffix != ".safetensors":
+                continue  # the weights; training records beside them hold wall times
             out[rel.as_posix()] = path
     return out
 
@@ -70,8 +69,10 @@ def _numbers(value) -> list[float]:
         return [x for v in value.values() for x in _numbers(v)]
     if isinstance(value, (list, tuple, np.ndarray)):
         return [x for v in value for x in _numbers(v)]
-    if isinstance(value, (bool, np.bool_)) or value is None:
+    if value is None:
         return []
+    if isinstance(value, (bool, np.bool_)):  # a flipped hit counts as a difference of 1
+        return [float(value)]
     if isinstance(value, (int, float, np.integer, np.floating)):
         return [float(value)]
     return []
@@ -95,7 +96,7 @@ def _column_diffs(x: pd.DataFrame, y: pd.DataFrame) -> dict[str, tuple[float, in
     return out
 
 
-def _diffs(a: Path, b: Path, roots: tuple[str, ...]) -> dict[str, float] | None:
+def _diffs(a: Path, b: Path, roots: tuple[str, ...]) -> dict[str, tuple[float, int, int]] | None:
     """Per part (table column, tensors, JSON numbers) of two artifacts of the same shape: (largest
     absolute difference, rows that differ, rows); None when they differ in more than numbers."""
     if a.suffix == ".safetensors":

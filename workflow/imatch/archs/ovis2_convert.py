@@ -213,7 +213,6 @@ def add_parser(subparsers) -> None:
 
 def _run(args) -> int:
     from imatch.atomic import atomic_path
-
     from imatch.integrity import seal, verify
 
     if not args.src.is_dir():
