@@ -61,6 +61,20 @@ def workflow(tmp_path_factory):
 
 
 @pytest.fixture
+def mirror(tmp_path, monkeypatch, demo_zip):
+    """A local hub mirror (the hub boundary's test stand-in) holding the demo as the EvalMuse dataset repo."""
+    from imatch import hub
+
+    repo = tmp_path / "mirror" / "datasets" / "DY-Evalab" / "EvalMuse"
+    repo.mkdir(parents=True)
+    for name in ["train_list.json", "test.json", *[p.name for p in demo_zip.glob("images.zip.part-*")]]:
+        (repo / name).write_bytes((demo_zip / name).read_bytes())
+    (repo / "prompt_t2i.json").write_text("[]")
+    monkeypatch.setenv(hub.MIRROR_ENV, str(tmp_path / "mirror"))
+    return repo
+
+
+@pytest.fixture
 def imatch(capsys):
     """Run `imatch ARGS...` in-process; return (exit code, stdout, stderr)."""
 

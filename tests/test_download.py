@@ -5,21 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 
-import pytest
-
-from imatch import hub
-
-
-@pytest.fixture
-def mirror(tmp_path, monkeypatch, demo_zip):
-    repo = tmp_path / "mirror" / "datasets" / "DY-Evalab" / "EvalMuse"
-    repo.mkdir(parents=True)
-    for name in ["train_list.json", "test.json", *[p.name for p in demo_zip.glob("images.zip.part-*")]]:
-        (repo / name).write_bytes((demo_zip / name).read_bytes())
-    (repo / "prompt_t2i.json").write_text("[]")
-    monkeypatch.setenv(hub.MIRROR_ENV, str(tmp_path / "mirror"))
-    return repo
-
 
 def test_download_writes_a_sha256_manifest_of_what_it_fetched(mirror, tmp_path, imatch):
     out = tmp_path / "evalmuse"

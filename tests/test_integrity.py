@@ -82,14 +82,7 @@ def test_a_damaged_backbone_stops_training_and_scoring_before_loading(backbone, 
     assert code == 2 and "model.safetensors: sha256 differs" in err, err
 
 
-def test_a_damaged_download_is_refused_by_ingest(tmp_path, demo_zip, imatch, monkeypatch):
-    from imatch import hub
-
-    repo = tmp_path / "mirror" / "datasets" / "DY-Evalab" / "EvalMuse"
-    repo.mkdir(parents=True)
-    for name in ["train_list.json", "test.json", *[p.name for p in demo_zip.glob("images.zip.part-*")]]:
-        shutil.copy(demo_zip / name, repo / name)
-    monkeypatch.setenv(hub.MIRROR_ENV, str(tmp_path / "mirror"))
+def test_a_damaged_download_is_refused_by_ingest(mirror, tmp_path, imatch):
     fetched = tmp_path / "evalmuse"
     assert imatch("download", "--out", fetched, "--revision", "main")[0] == 0
     part = sorted(fetched.glob("images.zip.part-*"))[-1]
