@@ -77,8 +77,11 @@ def _native(processor, text, images):
 
 
 def test_template_matches_native_processor_and_labels_answer_only(tmp_path, swift_template):
+    """A square one-tile image, where the native processor and the original agree (non-square and
+    multi-tile images are the original's, tests/test_fidelity.py)."""
     model, processor, template = swift_template
-    image = _png(tmp_path / "x.png", (220, 40, 40))
+    assert type(processor.image_processor).__name__ == "Ovis2ImageProcessorPil"  # the original's PIL resampling
+    image = _png(tmp_path / "x.png", (220, 40, 40), size=(96, 96))
     template.set_mode("train")
     enc = template.encode({"messages": [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": "e"}],
                            "images": [image]})
@@ -94,32 +97,32 @@ def test_template_matches_native_processor_and_labels_answer_only(tmp_path, swif
     assert labelled[0][1] == tok.convert_tokens_to_ids("e") and labelled[0][0] == len(ref["input_ids"][0]) - 3
 
 
-def test_multi_tile_count_is_crops_times_tokens(tmp_path, swift_template):
+def test_multi_tile_grids_keep_rows_and_columns_apart(tmp_path, swift_template):
+    """A wide image is split into columns (<IMG_COL> between its crops), a tall one into rows
+    (<IMG_ROW>): transformers' native processor swaps the two. Whole image first, then the crops."""
     model, processor, template = swift_template
-    ip = processor.image_processor
-    saved = ip.max_patches
-    ip.max_patches = 4  # several tiles + the global view, to check the splice beyond one crop
-    try:
-        images = [_png(tmp_path / "wide.png", (40, 80, 220), size=(400, 120)), _png(tmp_path / "sq.png", (0, 0, 0))]
-        template.set_mode("train")
-        enc = template.encode({"messages": [{"role": "user", "content": "<image><image>Two?"},
-                                            {"role": "assistant", "content": "b"}], "images": images})
-        text = REFERENCE.replace("<image>\nPrompt: a red circle\nHow well does the image match the prompt?",
-                                 "<image>\n<image>\nTwo?") + "b<|im_end|>\n"
-        ref = _native(processor, text, [Image.open(p) for p in images])
-    finally:
-        ip.max_patches = saved
-    assert enc["input_ids"] == ref["input_ids"][0].tolist()
-    assert torch.equal(enc["pixel_values"], ref["pixel_values"])
-    crops = enc["pixel_values"].shape[0]
-    assert crops > 2
-    assert (torch.tensor(enc["input_ids"]) == model.config.image_token_id).sum() == crops * processor.image_seq_length
+    tok = processor.tokenizer
+    col, row = tok.convert_tokens_to_ids(["<IMG_COL>", "<IMG_ROW>"])
+    template.set_mode("train")
+    for size, cols, rows in (((400, 120), 1, 0), ((120, 400), 0, 1), ((224, 224), 0, 0)):
+        image = _png(tmp_path / f"{size[0]}x{size[1]}.png", (40, 80, 220), size=size)
+        enc = template.encode({"messages": [{"role": "user", "content": "<image>Which?"},
+                                            {"role": "assistant", "content": "b"}], "images": [image]})
+        ids = torch.tensor(enc["input_ids"])
+        crops = enc["pixel_values"].shape[0]
+        assert crops == (1 if size[0] == size[1] else 3), size  # 1 x 2 or 2 x 1 crops + the whole image
+        assert (ids == model.config.image_token_id).sum() == crops * processor.image_seq_length
+        assert (ids == col).sum() == cols and (ids == row).sum() == rows, size
+        if crops > 1:  # the crops keep their aspect ratio: zero padding (the mean colour) around them
+            assert (enc["pixel_values"][1:].abs().sum(dim=1) == 0).any()
 
 
 def test_closed_set_scoring_through_template_equals_native(tmp_path, swift_template):
-    """encode (no answer) -> data_collator (left pad) -> pre_forward_hook -> logits[:, -1] = native forward."""
+    """encode (no answer) -> data_collator (left pad) -> pre_forward_hook -> logits[:, -1] = native forward
+    (square images, where the native processor's tiling is the original's)."""
     model, processor, template = swift_template
-    images = [_png(tmp_path / "r.png", (220, 40, 40)), _png(tmp_path / "g.png", (40, 160, 60), size=(50, 120))]
+    images = [_png(tmp_path / "r.png", (220, 40, 40), size=(96, 96)),
+              _png(tmp_path / "g.png", (40, 160, 60), size=(120, 120))]
     template.set_mode("transformers")
     queries = [PROMPT, PROMPT.replace("red circle", "green square made of many small tiles")]
     batch = template.data_collator([template.encode({"messages": [{"role": "user", "content": q}], "images": [p]})
@@ -208,6 +211,8 @@ def _to_original(native: dict, vision_hidden: int) -> dict:
 
 
 def test_convert_original_layout_round_trip(tmp_path, tiny):
+    """Sharded source with an index -> every tensor back bit for bit. (That the converted model is
+    the original's function is shown against the original code itself: tests/test_fidelity.py.)"""
     from safetensors.torch import load_file, save_file
     from transformers import AutoProcessor, Ovis2ForConditionalGeneration, PreTrainedTokenizerFast
 
@@ -246,6 +251,12 @@ def test_convert_original_layout_round_trip(tmp_path, tiny):
                                 "rms_norm_eps": vision["rms_norm_eps"], "qkv_bias": False, "use_bias": False}},
     }))
     PreTrainedTokenizerFast.from_pretrained(tiny).save_pretrained(src)
+    (src / "preprocessor_config.json").write_text(json.dumps({  # as the published Ovis2 ones
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "do_center_crop": False, "resample": 3,
+        "size": {"shortest_edge": vision["image_size"]}, "crop_size": {"height": vision["image_size"],
+                                                                    "width": vision["image_size"]},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}))
 
     parser = argparse.ArgumentParser()
     ovis2_convert.add_parser(parser.add_subparsers(dest="command"))
@@ -281,3 +292,13 @@ def test_convert_adds_image_tokens_to_a_plain_qwen_tokenizer(tmp_path):
     n = len(plain)
     tok = ovis_tokenizer(tmp_path)
     assert tok.convert_tokens_to_ids(ovis2.OVIS_SPECIALS) == list(range(n, n + 6))
+
+
+def test_converter_reads_the_dtype_of_old_and_new_configs():
+    """transformers < 4.56 writes `torch_dtype`, newer versions re-save the config with `dtype`."""
+    from imatch.archs.ovis2_convert import source_dtype
+
+    assert source_dtype({"llm_config": {"torch_dtype": "float16"}}) == "float16"
+    assert source_dtype({"llm_config": {"dtype": "float32"}, "dtype": "bfloat16"}) == "float32"
+    assert source_dtype({"llm_config": {}, "dtype": "float16"}) == "float16"
+    assert source_dtype({"llm_config": {}}) == "bfloat16"

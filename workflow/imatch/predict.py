@@ -76,6 +76,11 @@ def _max_pixels(record: dict) -> int | None:
     return int(cmd[cmd.index("--max_pixels") + 1]) if "--max_pixels" in cmd else None
 
 
+def _max_tiles(record: dict) -> int | None:
+    """The tile budget the model was trained with (None: the architecture's default)."""
+    return (record.get("image_budget") or {}).get("max_tiles")
+
+
 def _score(models, table: pd.DataFrame, task: str, device: str, dtype: str, batch_size: int) -> np.ndarray:
     import os
 
@@ -89,7 +94,7 @@ def _score(models, table: pd.DataFrame, task: str, device: str, dtype: str, batc
         if max_pixels:
             os.environ["MAX_PIXELS"] = str(max_pixels)
         model, processor, template = load(folder, arch, device=device, dtype=dtype, base=Path(record["base_model"]),
-                                          max_pixels=max_pixels)
+                                          max_pixels=max_pixels, max_tiles=_max_tiles(record))
         out = score_table(table, model, processor, template, task=task, batch_size=batch_size, tau=levels.DEFAULT_TAU)
         expected.append(out["expected_level"].to_numpy())
     return np.mean(expected, axis=0)

@@ -47,12 +47,15 @@ def answer_token_ids(tokenizer, symbols: list[str]) -> list[int]:
 
 
 def load(model_dir: Path, arch: archs.Arch, *, device: str, dtype: str, base: Path | None = None,
-         max_pixels: int | None = None, varlen: bool = True):
+         max_pixels: int | None = None, max_tiles: int | None = None, varlen: bool = True):
     """Model (base + LoRA adapter, or full weights) and ms-swift template in inference mode.
+    `max_pixels`, `max_tiles`: the image budget the model was trained with (the template reads the
+    tile budget from the environment, as ms-swift's own templates do).
     `varlen`: the vision tower's windows in one kernel (`imatch.attention`), not one per window."""
     import torch
     from swift import get_model_processor, get_template
 
+    os.environ.update(arch.tiles_environment(max_tiles))
     if arch.plugin:
         from swift.utils import import_external_file
 
@@ -193,6 +196,15 @@ def score_probs(model, template, images: list[str], queries: list[str], answer_i
                 workers: int = 0, bucket: bool = True, desc: str = "score", gaps: GpuGaps | None = None) -> np.ndarray:
     """Answer-set probabilities (queries x symbols), in the order given: one forward pass per
     batch, logits only at the answer position, batches of similar length, encoding in workers."""
+    return answer_logits(model, template, images, queries, answer_ids, batch_size=batch_size, workers=workers,
+                         bucket=bucket, desc=desc, gaps=gaps, softmax=True)
+
+
+def answer_logits(model, template, images: list[str], queries: list[str], answer_ids: list[int], *, batch_size: int,
+                  workers: int = 0, bucket: bool = True, desc: str = "score", gaps: GpuGaps | None = None,
+                  softmax: bool = False) -> np.ndarray:
+    """The last position's logits of `answer_ids` (queries x ids; their softmax with `softmax`),
+    in the order given: the scoring path of `score_probs`, also for checks against other code."""
     import torch
     from torch.profiler import record_function
     from torch.utils.data import DataLoader
@@ -220,7 +232,8 @@ def score_probs(model, template, images: list[str], queries: list[str], answer_i
                 logits = model(**kwargs, **keep).logits[:, -1, :]
             if ids is None:
                 ids = torch.tensor(answer_ids, device=logits.device)
-            out.append(torch.softmax(logits[:, ids].float(), dim=-1))  # stays on the device: no sync per batch
+            picked = logits[:, ids].float()
+            out.append(torch.softmax(picked, dim=-1) if softmax else picked)  # stays on the device: no sync per batch
             if gaps is not None:
                 gaps.mark()
     probs = np.empty((len(order), len(answer_ids)))
@@ -267,6 +280,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--max-pixels", type=int, default=200704, help="the same image budget as in training")
+    p.add_argument("--max-tiles", type=int, default=None,
+                   help="the same tile budget as in training (InternVL, Ovis2; default: ms-swift's, 12 / 9)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: its default)")
     p.add_argument("--gpus", type=int, default=0, help="GPUs this job asked for; fail if a different number is visible")
     p.add_argument("--shard", type=int, default=0, help="score only shard K (0-based) of --shards contiguous parts of each set")
@@ -368,7 +383,7 @@ def _run(args) -> int:
         device = "auto"  # a model too large for one GPU: its layers spread over all it was given
     start = time.time()
     model, processor, template = load(args.model, arch, device=device, dtype=args.dtype, base=args.base,
-                                      max_pixels=args.max_pixels, varlen=args.varlen)
+                                      max_pixels=args.max_pixels, max_tiles=args.max_tiles, varlen=args.varlen)
     if args.compile:
         print(f"compiled {compile_layers(model)} transformer blocks", flush=True)
     t0 = time.time()

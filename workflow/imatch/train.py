@@ -160,11 +160,13 @@ def train(args) -> dict:
         n_rows += rows
     integrity.verify(args.model)  # the backbone, before swift loads it
     data_hash = [sha256_file(Path(d)) for d in args.dataset]
-    fingerprint = {"command": swift_command(args, arch, args.scratch, None), "data_sha256": data_hash}
+    tiles = arch.tiles_environment(args.max_tiles)  # env: ms-swift's templates read the tile budget there
+    fingerprint = {"command": swift_command(args, arch, args.scratch, None), "data_sha256": data_hash,
+                   "tiles": tiles}
     resume = prepare_scratch(args.scratch, fingerprint)
     if resume is not None:
         print(f"resuming from {resume}")
-    env = {**os.environ, **arch.env}
+    env = {**os.environ, **arch.env, **tiles}
     if args.gpus > 1:  # ms-swift's launcher runs torchrun with one process per GPU
         env["NPROC_PER_NODE"] = str(args.gpus)
     if args.max_pixels:  # Qwen2.5-VL's own resize reads it; harmless for the others
@@ -204,6 +206,8 @@ def train(args) -> dict:
         "loss_curve": curve,
         "versions": versions(),
         "adapter": (final / "adapter_config.json").is_file(),
+        # what every image was reduced to: the template's pixel budget, then at most max_tiles tiles
+        "image_budget": {"max_pixels": args.max_pixels or None, "max_tiles": args.max_tiles, "env": tiles},
     }
     with atomic_path(args.out, directory=True) as tmp:
         for item in final.iterdir():
@@ -254,6 +258,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--gpus", type=int, default=0, help="GPUs this job asked for; fail if a different number is visible")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: its default, every core)")
     p.add_argument("--step-times", type=Path, help="append per-step compute / data-wait seconds here (JSON lines)")
+    p.add_argument("--max-tiles", type=int, default=None,
+                   help="most tiles per image (InternVL MAX_NUM, Ovis2 max_partition; default: ms-swift's, 12 / 9); "
+                        "not for Qwen2.5-VL, whose budget is --max-pixels alone")
     add_recipe_arguments(p)
     p.set_defaults(func=_run)
 

@@ -231,6 +231,12 @@ if (
     raise ValueError(
         f"config: backbone names must be unique, not start with 'blank-' and not be one of {sorted(RESERVED)}"
     )
+for b in config["backbones"]:
+    if b["arch"] == "qwen2_5_vl" and b["max_tiles"] is not None:
+        raise ValueError(
+            f"config: backbone {b['name']}: max_tiles is for tiling architectures (internvl, ovis2);"
+            " Qwen2.5-VL's image budget is train.max_pixels"
+        )
 FINAL = f"r{config['rounds']}"  # round 2 = trained again on train + pseudo-labelled val
 
 
@@ -293,7 +299,14 @@ def recipe_flags(wildcards):
             flags.append(f"{opt} {' '.join(value)}" if value else "")
         else:
             flags.append(f"{opt} {value}")
+    flags.append(tiles_flag(wildcards.backbone))
     return " ".join(f for f in flags if f)
+
+
+def tiles_flag(name):
+    """`--max-tiles N` of a tiling backbone that sets one (training and scoring alike)."""
+    tiles = BACKBONES[name]["max_tiles"]
+    return "" if tiles is None else f"--max-tiles {tiles}"
 
 
 def score_settings(name):
@@ -306,7 +319,7 @@ def score_flags(wildcards):
     return (
         f"--batch-size {s['batch_size']} --dtype {s['dtype']} --device {s['device']}"
         f" --tau {s['tau']} --max-pixels {r['max_pixels']} --workers {s['workers']}"
-        f" {'--compile' if s['compile'] else '--no-compile'}"
+        f" {'--compile' if s['compile'] else '--no-compile'} {tiles_flag(wildcards.backbone)}"
     )
 
 

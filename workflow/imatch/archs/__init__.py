@@ -22,6 +22,20 @@ class Arch:
     head_modules: tuple[str, ...] = ()
     env: dict = field(default_factory=dict)  # image sizing env vars read by ms-swift
     plugin: str | None = None  # module registering the model with ms-swift (--external_plugins)
+    # Tiling architectures: the env var their ms-swift template reads for the most tiles per image
+    # (after the template's max_pixels shrink) and ms-swift's default, which the paper ran with.
+    tiles_env: str | None = None
+    default_tiles: int | None = None
+
+    def tiles_environment(self, max_tiles: int | None) -> dict:
+        """Env vars that set the tile budget (`max_tiles`: None = the default) for ms-swift."""
+        if max_tiles is None:
+            return {self.tiles_env: str(self.default_tiles)} if self.tiles_env else {}
+        if not self.tiles_env:
+            raise ValueError(f"{self.name} does not tile images: its image budget is max_pixels alone")
+        if max_tiles < 1:
+            raise ValueError(f"max_tiles must be >= 1, got {max_tiles}")
+        return {self.tiles_env: str(max_tiles)}
 
 
 def save_backbone(out, model, processor) -> None:

@@ -36,13 +36,13 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}"
 )
 SIZES = {
-    "tiny": dict(image=224, max_patches=1,
+    "tiny": dict(image=224,
                  vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                              vocab_size=256, hidden_stride=2),
                  text=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                            intermediate_size=256)),
     # Ovis2-8B: aimv2-huge-patch14-448 (visual vocabulary 65536, hidden stride 2) + Qwen2.5-7B-Instruct.
-    "8b": dict(image=448, max_patches=1,
+    "8b": dict(image=448,
                vision=dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=12,
                            vocab_size=65536, hidden_stride=2),
                text=dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
@@ -50,6 +50,92 @@ SIZES = {
                          max_position_embeddings=32768)),
 }
 PATCH = 14
+# The original visual tokenizer's tiling (AIDC-AI/Ovis @ 52e5fdf, base_visual_tokenizer.py), which
+# ms-swift's Ovis2 template calls with max_partition = $MAX_PARTITION (default 9).
+DEFAULT_MAX_PARTITION = 9
+COVERING_THRESHOLD = 0.9
+
+
+def _partition(size: tuple[int, int], grid: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+    """Crop boxes of a (rows, cols) grid, row by row; the last row/column takes the remainder."""
+    w, h = size
+    row_height, col_width = h // grid[0], w // grid[1]
+    return [(c * col_width, r * row_height, w if c == grid[1] - 1 else (c + 1) * col_width,
+             h if r == grid[0] - 1 else (r + 1) * row_height)
+            for r in range(grid[0]) for c in range(grid[1])]
+
+
+def _covering_area(left: int, upper: int, right: int, lower: int, side: int) -> float:
+    w, h = right - left, lower - upper
+    w, h = max(w, h), min(w, h)
+    if w > side:
+        h, w = h / w * side, side
+    return w * h
+
+
+def best_grid(size: tuple[int, int], side: int, max_partition: int) -> tuple[int, int]:
+    """The (rows, cols) grid the original picks: fewest tiles covering > 90 % of the image at tile
+    resolution (ties: more coverage), else the best-covering grid (ties: fewer tiles)."""
+    area = size[0] * size[1]
+    grids = [(i, j) for i in range(1, max_partition + 1) for j in range(1, max_partition + 1) if i * j <= max_partition]
+    ratios = [(g, sum(_covering_area(*box, side) for box in _partition(size, g)) / area) for g in grids]
+    good = [x for x in ratios if x[1] > COVERING_THRESHOLD]
+    if good:
+        return sorted(good, key=lambda x: (x[0][0] * x[0][1], -x[1]))[0][0]
+    return sorted(ratios, key=lambda x: (-x[1], x[0][0] * x[0][1]))[0][0]
+
+
+def preprocess_image(image, image_processor, *, side: int, max_partition: int):
+    """Pixel values (crops x 3 x side x side) and the (rows, cols) grid, as the original computes
+    them: the whole image first when there are several crops; each crop resized to fit the tile
+    with its aspect ratio kept (`image_processor`: resize, rescale, normalise), then zero-padded
+    (in normalised space) to a square, centred. The native Ovis2ImageProcessor instead squashes
+    the image onto a grid of tiles."""
+    import torch
+
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    grid = best_grid(image.size, side, max_partition)
+    crops = [image.crop(box) for box in _partition(image.size, grid)]
+    if len(crops) > 1:
+        crops.insert(0, image)
+    tiles = []
+    for crop in crops:
+        w, h = crop.size
+        if w == h:
+            nw = nh = side
+        elif w > h:
+            nw, nh = side, int(h / w * side)
+        else:
+            nh, nw = side, int(w / h * side)
+        values = image_processor(images=crop, size={"height": nh, "width": nw}, crop_to_patches=False,
+                                 return_tensors="pt")["pixel_values"]
+        square = torch.zeros((1, 3, side, side), dtype=values.dtype)
+        nh, nw = values.shape[2:]
+        top, left = (side - nh) // 2, (side - nw) // 2
+        square[:, :, top:top + nh, left:left + nw] = values
+        tiles.append(square)
+    return torch.cat(tiles), grid
+
+
+def placeholder_tokens(grid: tuple[int, int], tokens_per_crop: int) -> list[str]:
+    """The original's image placeholder sequence (construct_image_placeholders) in token names,
+    each crop's atom expanded to its visual tokens: start, whole image, grid marker, then for
+    several crops each row's crops separated by <IMG_COL>, rows separated by <IMG_ROW>; end."""
+    atom = [IMAGE_TOKEN] * tokens_per_crop
+    start, grid_marker, col, row, end = INDICATOR_TOKENS
+    out = [start, *atom, grid_marker]
+    rows, cols = grid
+    if rows * cols > 1:
+        for r in range(rows):
+            for c in range(cols):
+                out += atom
+                if c < cols - 1:
+                    out.append(col)
+            if r < rows - 1:
+                out.append(row)
+    out.append(end)
+    return out
 
 
 def image_seq_length(image: int, hidden_stride: int) -> int:
@@ -59,12 +145,12 @@ def image_seq_length(image: int, hidden_stride: int) -> int:
     return side * side
 
 
-def make_processor(tokenizer, *, image: int, max_patches: int, seq_length: int):
-    """The native processor with the converter's settings (squash each tile to image x image)."""
+def make_processor(tokenizer, *, image: int, seq_length: int, **pixels):
+    """The native processor: tile size `image`, resize/normalisation `pixels` (CLIP's by default).
+    Tiling is the template's (`preprocess_image`), not this processor's."""
     from transformers import Ovis2ImageProcessor, Ovis2Processor
 
-    image_processor = Ovis2ImageProcessor(crop_to_patches=True, max_patches=max_patches, min_patches=1,
-                                          size={"height": image, "width": image})
+    image_processor = Ovis2ImageProcessor(crop_to_patches=False, size={"height": image, "width": image}, **pixels)
     return Ovis2Processor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
                           image_seq_length=seq_length)
 
@@ -113,7 +199,7 @@ def build(out: Path, size: str = "tiny", seed: int = 0) -> None:
     dtype = torch.float32 if size == "tiny" else torch.bfloat16
     with torch.device("cuda" if size != "tiny" and torch.cuda.is_available() else "cpu"):  # faster init there
         model = Ovis2ForConditionalGeneration._from_config(config, dtype=dtype)
-    processor = make_processor(tokenizer, image=spec["image"], max_patches=spec["max_patches"], seq_length=seq)
+    processor = make_processor(tokenizer, image=spec["image"], seq_length=seq)
     save_backbone(out, model, processor)
 
 
@@ -127,4 +213,6 @@ ARCH = Arch(
     # tokens), so a trainable head includes it whole
     head_modules=("lm_head", "embed_tokens", "visual_embeddings_table"),
     plugin=str(Path(__file__).with_name("ovis2_swift.py")),
+    tiles_env="MAX_PARTITION",
+    default_tiles=DEFAULT_MAX_PARTITION,
 )

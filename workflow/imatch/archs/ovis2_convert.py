@@ -7,8 +7,10 @@ is renamed (the ViT's fused `attn.qkv` is split into q/k/v, `pos_embed` loses it
 written shard by shard, so a 34B checkpoint never has to fit in memory. The result is what
 `Ovis2ForConditionalGeneration.from_pretrained` and `AutoProcessor.from_pretrained` read: a
 native config (Qwen2 text config + Ovis2 vision config), the source tokenizer plus the six Ovis2
-image tokens, and `Ovis2ImageProcessor` tiles of the backbone's size (default: one tile, the
-paper's 256-token image budget).
+image tokens, and an `Ovis2ImageProcessor` with the source's own resize and normalisation settings
+(its `preprocessor_config.json`). How images are tiled is not stored here: the ms-swift template
+tiles as the original does (`$MAX_PARTITION`, the backbone's `max_tiles`), and the loader takes the
+vision features before the final norm as the original does (archs/ovis2_swift.py).
 
 The key names are those of transformers' own converter as of transformers 5 (`rms_norm1`,
 `attention.*`, `ffn.*`, `patch_embedding`, `visual_embeddings_table`); the pre-release names
@@ -100,12 +102,42 @@ def ovis_tokenizer(src: Path):
     """The source's Qwen2 tokenizer plus the Ovis2 image tokens (appended if missing, ids kept if present)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(src)  # plain Qwen2 tokenizer files, no remote code
+    # plain Qwen2 tokenizer files; never the remote code the source's auto_map names (and no
+    # "run custom code? [y/N]" prompt on a folder that has one)
+    tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=False)
     tokenizer.add_tokens(OVIS_SPECIALS, special_tokens=True)
     for token in OVIS_SPECIALS:
         if len(tokenizer.encode(token, add_special_tokens=False)) != 1:
             raise AssertionError(f"{token} is not a single token after conversion")
     return tokenizer
+
+
+# what the original's image processor (CLIPImageProcessor) settings mean for the native one
+IMAGE_PROCESSOR_KEYS = ("image_mean", "image_std", "resample", "rescale_factor", "do_rescale", "do_normalize",
+                        "do_convert_rgb")
+
+
+def image_processor_settings(src: Path) -> dict:
+    """Resize/normalisation settings of the source's preprocessor_config.json (the original loads
+    its image processor from the checkpoint folder); refused if the original could not use it."""
+    path = src / "preprocessor_config.json"
+    if not path.is_file():
+        raise InputError(path, "no preprocessor_config.json: the original Ovis2 reads its image processor there")
+    cfg = json.loads(path.read_text())
+    if not cfg.get("do_resize", True) or cfg.get("do_center_crop", False):
+        raise InputError(path, "the original Ovis2 needs do_resize true and do_center_crop false",
+                         f"do_resize={cfg.get('do_resize')!r} do_center_crop={cfg.get('do_center_crop')!r}")
+    return {k: cfg[k] for k in IMAGE_PROCESSOR_KEYS if k in cfg}
+
+
+def source_dtype(cfg: dict) -> str:
+    """The checkpoint's dtype: `torch_dtype` (transformers < 4.56) or `dtype` (a config re-saved by
+    a newer transformers), of the LLM config or the top level."""
+    for section in (cfg.get("llm_config") or {}, cfg):
+        for key in ("torch_dtype", "dtype"):
+            if section.get(key):
+                return section[key]
+    return "bfloat16"
 
 
 def _shards(src: Path) -> list[Path]:
@@ -129,7 +161,7 @@ def _expected(config) -> dict:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def convert(src_dir, out_dir, *, max_patches: int = 1) -> Path:
+def convert(src_dir, out_dir) -> Path:
     """Write the native checkpoint of the original Ovis2 checkpoint in `src_dir` to `out_dir`."""
     import torch
     from safetensors import safe_open
@@ -140,12 +172,16 @@ def convert(src_dir, out_dir, *, max_patches: int = 1) -> Path:
     vision = _vision_config(vt, backbone)
     image = backbone.get("image_size", 448)
     tokenizer = ovis_tokenizer(src)
+    pixels = image_processor_settings(src)
+    tile = (json.loads((src / "preprocessor_config.json").read_text()).get("crop_size") or {}).get("height", image)
+    if tile != image:  # the original tiles at crop_size; its position embeddings are for image_size
+        raise InputError(src / "preprocessor_config.json", f"crop_size {tile} differs from the ViT's image_size {image}")
     text = {k: v for k, v in cfg["llm_config"].items() if k not in DROP_KEYS}
     tie = bool(text.pop("tie_word_embeddings", False))
     special = {k: text.pop(k, None) for k in ("eos_token_id", "bos_token_id", "pad_token_id")}
     text["vocab_size"] = max(text.get("vocab_size", 0), len(tokenizer))
     ids = tokenizer.convert_tokens_to_ids(OVIS_SPECIALS)
-    dtype = cfg["llm_config"].get("torch_dtype") or cfg.get("torch_dtype") or "bfloat16"
+    dtype = source_dtype(cfg)
     config = native_config(text, vision, image=image, image_token_id=ids[0], indicator_ids=ids[1:],
                            tie_word_embeddings=tie, **special)
     config.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -194,7 +230,7 @@ def convert(src_dir, out_dir, *, max_patches: int = 1) -> Path:
 
     config.save_pretrained(out)
     seq = image_seq_length(image, vision["hidden_stride"])
-    make_processor(tokenizer, image=image, max_patches=max_patches, seq_length=seq).save_pretrained(out)
+    make_processor(tokenizer, image=image, seq_length=seq, **pixels).save_pretrained(out)
     if (src / "generation_config.json").is_file():
         shutil.copy(src / "generation_config.json", out / "generation_config.json")
     return out
@@ -206,8 +242,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--src", type=Path, required=True,
                    help="folder of the original checkpoint (config.json, *.safetensors, tokenizer files)")
     p.add_argument("--out", type=Path, required=True, help="folder to write the native checkpoint to")
-    p.add_argument("--max-patches", type=int, default=1,
-                   help="image tiles per image; 1 = one 448-px tile = 256 visual tokens (default: %(default)s)")
     p.set_defaults(func=_run)
 
 
@@ -219,7 +253,7 @@ def _run(args) -> int:
         raise InputError(args.src, "not a folder")
     verify(args.src)
     with atomic_path(args.out, directory=True) as tmp:
-        convert(args.src, tmp, max_patches=args.max_patches)
+        convert(args.src, tmp)
         seal(tmp, converted_from=str(args.src))
     index = json.loads((args.out / "model.safetensors.index.json").read_text())
     print(json.dumps({"out": str(args.out), "tensors": len(index["weight_map"])}))
