@@ -177,3 +177,62 @@ def test_ovis2_converted_scores_as_the_original(ovis2_converted):
         for i, row in enumerate(rows):
             reference = tensors[f"{cases[row]['name']}.answer_probs"].numpy()
             assert np.abs(probs[i] - reference).max() < 1e-4, cases[row]["name"]
+
+
+# ---- InternVL2.5 --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def internvl_loaded(tmp_path_factory):
+    """The -hf conversion (transformers' own converter) of an original tiny InternVL2.5, loaded the
+    way `imatch score-set` loads a downloaded backbone."""
+    import shutil
+
+    from imatch.integrity import seal
+
+    folder, expected, tensors = _fixture("internvl")
+    hf = tmp_path_factory.mktemp("internvl") / "hf"
+    shutil.copytree(folder / "hf", hf)
+    seal(hf)  # as `imatch download-backbone` seals a download
+    loaded = score.load(hf, archs.get("internvl"), device="cpu", dtype="float32", max_pixels=None,
+                        max_tiles=expected["max_num"])
+    return folder, expected, tensors, loaded
+
+
+def test_internvl_encoding_equals_the_original(internvl_loaded):
+    """Image file + query -> the workflow's template: the original chat() prompt (InternVL2.5's
+    system turn, BOS, <img> + <IMG_CONTEXT> x tiles x tokens + </img>) and its PIL tiles
+    (dynamic_preprocess with the thumbnail, bicubic, ImageNet normalisation), answer ids included."""
+    folder, expected, tensors, (model, processor, template) = internvl_loaded
+    assert max(c["n_tiles"] for c in expected["cases"]) > 3  # several tiles, with rows and columns
+    for case in expected["cases"]:
+        name = case["name"]
+        enc = template.encode({"messages": [{"role": "user", "content": case["query"]}],
+                               "images": [str(folder / case["image"])]})
+        assert enc["input_ids"] == tensors[f"{name}.input_ids"].tolist(), name
+        reference = tensors[f"{name}.pixel_values"]
+        assert enc["pixel_values"].shape == reference.shape, name
+        assert torch.allclose(enc["pixel_values"].float(), reference, atol=1e-5), name
+        symbols = OVERALL_LETTERS if case["task"] == "overall" else ELEMENT_DIGITS
+        assert score.answer_token_ids(processor.tokenizer, symbols) == case["answer_ids"], name
+
+
+def test_internvl_scores_as_the_original(internvl_loaded):
+    """Last-position logits and answer probabilities through `imatch score-set`'s scoring code
+    (batched, left-padded), within 1e-4 of the original InternVL2.5 chat model's."""
+    folder, expected, tensors, (model, processor, template) = internvl_loaded
+    cases = expected["cases"]
+    images = [str(folder / c["image"]) for c in cases]
+    queries = [c["query"] for c in cases]
+    vocab = tensors[f"{cases[0]['name']}.logits"].numel()
+    logits = score.answer_logits(model, template, images, queries, list(range(vocab)), batch_size=3)
+    for row, case in enumerate(cases):
+        reference = tensors[f"{case['name']}.logits"].numpy()
+        assert np.abs(logits[row] - reference).max() < 1e-4, (case["name"], np.abs(logits[row] - reference).max())
+    for task, symbols in (("overall", OVERALL_LETTERS), ("element", ELEMENT_DIGITS)):
+        rows = [i for i, c in enumerate(cases) if c["task"] == task]
+        ids = score.answer_token_ids(processor.tokenizer, symbols)
+        probs = score.score_probs(model, template, [images[i] for i in rows], [queries[i] for i in rows], ids,
+                                  batch_size=4)
+        for i, row in enumerate(rows):
+            reference = tensors[f"{cases[row]['name']}.answer_probs"].numpy()
+            assert np.abs(probs[i] - reference).max() < 1e-4, cases[row]["name"]

@@ -78,9 +78,12 @@ def build(out: Path, size: str = "tiny", seed: int = 0) -> None:
 
 ARCH = Arch(
     name="internvl",
-    swift_model_type="internvl",
-    swift_template="internvl_hf",
+    swift_model_type="internvl2_5_hf",
+    swift_template="internvl2_5_hf",
     build=build,
     sizes=tuple(SIZES),
     head_modules=("lm_head", "embed_tokens"),
+    plugin=str(Path(__file__).with_name("internvl_swift.py")),
+    tiles_env="MAX_NUM",
+    default_tiles=12,
 )
