@@ -135,6 +135,10 @@ def load_plain(folder: Path, arch: archs.Arch, device, dtype, max_pixels: int | 
     if max_pixels:
         open_budget(processor, max_pixels)
     processor.tokenizer.padding_side = "left"
+    if arch.name == "ovis2":  # the original Ovis2's function (features before the final norm), as the workflow
+        from imatch.archs.ovis2_swift import features_before_final_norm
+
+        features_before_final_norm(model)
     return model.eval(), processor
 
 
@@ -319,6 +323,60 @@ def _score_row(arch, path, size, batch, tokens, n, seconds, flops, peak, memory,
             "peak_memory_gib": memory, "gpu_idle_fraction": gaps["idle_fraction"]}
 
 
+# ---------------------------------------------------------------- image budget
+
+BUDGET_SHAPES = ["1024x1024", "1024x768", "768x1344", "1536x640"]  # T2I output shapes (w x h)
+
+
+def budget_image(work: Path, shape: str) -> Path:
+    """A deterministic picture of one shape (gradient + shapes; content does not change the cost)."""
+    from PIL import Image, ImageDraw
+
+    path = work / "budget" / f"{shape}.png"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        w, h = map(int, shape.split("x"))
+        x, y = np.meshgrid(np.linspace(0, 255, w), np.linspace(0, 255, h))
+        im = Image.fromarray(np.stack([x, y, (x + y) / 2], axis=2).astype(np.uint8))
+        ImageDraw.Draw(im).ellipse([w // 5, h // 5, w // 2, h // 2], fill=(220, 30, 30))
+        im.save(path)
+    return path
+
+
+def bench_budget(arch, folder, args, device, peak, report) -> None:
+    """What each image budget costs in the workflow's scoring path (`score.load` + `score_probs`):
+    every image is shrunk to `--budget-pixels` by the template (ms-swift's `--max_pixels`), then
+    tiled into at most `max_tiles` tiles (InternVL, Ovis2; Qwen2.5-VL has none): tiles and tokens
+    per image, and images per second, for each choice in `--budget-tiles` and each T2I shape."""
+    import torch
+
+    from imatch import prompts, score
+
+    choices = [int(t) for t in args.budget_tiles] if arch.tiles_env else [None]
+    model, processor, _ = score.load(folder, arch, device=device, dtype=args.dtype, max_pixels=args.budget_pixels)
+    answer_ids = score.answer_token_ids(processor.tokenizer, levels.OVERALL_LETTERS)
+    query = prompts.overall_query({"prompt": "a red ball on the left of a blue cube"})
+    for tiles in choices:
+        template = score.make_template(processor, arch, max_pixels=args.budget_pixels, max_tiles=tiles)
+        for shape in BUDGET_SHAPES:
+            image = str(budget_image(args.work, shape))
+            enc = template.encode({"messages": [{"role": "user", "content": query}], "images": [image]})
+            crops = int(enc["image_grid_thw"].shape[0]) if "image_grid_thw" in enc else int(enc["pixel_values"].shape[0])
+            images, queries = [image] * args.budget_queries, [query] * args.budget_queries
+            score.score_probs(model, template, images[:args.budget_batch], queries[:args.budget_batch], answer_ids,
+                              batch_size=args.budget_batch)  # warm-up
+            _peak_memory(device, reset=True)
+            _, seconds = timed(lambda: score.score_probs(model, template, images, queries, answer_ids,
+                                                         batch_size=args.budget_batch, workers=args.workers), device)
+            report({"arch": arch.name, "stage": "budget", "path": "workflow",
+                    "variant": f"max_pixels {args.budget_pixels}, max_tiles {tiles if tiles else '-'}",
+                    "image": shape, "tiles": crops, "batch": args.budget_batch, "tokens": len(enc["input_ids"]),
+                    "items": len(images), "seconds": round(seconds, 3), "per_second": len(images) / seconds,
+                    "peak_memory_gib": _peak_memory(device)})
+    del model
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+
 # ---------------------------------------------------------------- training
 
 
@@ -419,10 +477,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
     head = (f"card: {meta['device_name']}, bf16 GEMM peak measured {meta['gemm_peak_tflops']:.0f} TFLOP/s"
             f" (spec dense {meta['spec_peak_tflops']}), torch {meta['torch']}, transformers {meta['transformers']},"
             f" {meta['date']}; vision attention: {meta.get('vision_attention')}\n`{meta.get('command')}`\n\n")
-    cols = ["arch", "stage", "path", "variant", "image", "batch", "tokens", "per_second", "speedup", "tflops",
+    cols = ["arch", "stage", "path", "variant", "image", "tiles", "batch", "tokens", "per_second", "speedup", "tflops",
             "pct_peak", "peak_memory_gib", "gpu_idle_fraction", "max_abs_prob_diff", "max_abs_prob_diff_fp32"]
-    names = ["arch", "stage", "path", "variant", "image", "batch", "tokens/item", "items/s", "x naive", "TFLOP/s",
-             "% peak", "peak GiB", "GPU idle", "max abs dp vs naive", "max abs dp vs fp32"]
+    names = ["arch", "stage", "path", "variant", "image", "tiles", "batch", "tokens/item", "items/s", "x naive",
+             "TFLOP/s", "% peak", "peak GiB", "GPU idle", "max abs dp vs naive", "max abs dp vs fp32"]
     lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
     for r in rows:
         cells = []
@@ -478,6 +536,8 @@ def run(args) -> dict:
         report = lambda row: (rows.append(row), print(row, flush=True), save(args.out, meta, rows))  # noqa: E731
         if "score" in args.stages:
             bench_scoring(arch, folder, sets, args, device, dtype, peak, report)
+        if "budget" in args.stages:
+            bench_budget(arch, folder, args, device, peak, report)
         if "train" in args.stages:
             train_set = query_set(work, args.train_image, args.prompts, seed=0)
             naive = naive_training(arch, folder, train_set, args, device, dtype, peak)
@@ -509,7 +569,13 @@ def add_parser(subparsers) -> None:
                               description=__doc__)
     p.add_argument("--arch", nargs="+", default=["qwen2_5_vl"], help="qwen2_5_vl, internvl, ovis2")
     p.add_argument("--size", help="backbone size (default: the real one, 7b / 8b; `tiny` to test on a CPU)")
-    p.add_argument("--stages", nargs="+", default=["score", "train"], choices=["score", "train"])
+    p.add_argument("--stages", nargs="+", default=["score", "train"], choices=["score", "train", "budget"],
+                   help="budget: tokens and images/s of each image budget (--budget-tiles) on T2I image shapes")
+    p.add_argument("--budget-pixels", type=int, default=200704, help="the template's pixel budget (paper: 200704)")
+    p.add_argument("--budget-tiles", nargs="+", default=["1", "4", "9", "12"],
+                   help="max_tiles choices measured for InternVL and Ovis2")
+    p.add_argument("--budget-batch", type=int, default=16)
+    p.add_argument("--budget-queries", type=int, default=64, help="queries per shape and choice")
     p.add_argument("--score-batches", nargs="+", default=["448:8,32", "1036:4,16"],
                    help="image size, batch sizes and (optionally) queries to score, e.g. 448:8,32 1036:4,16:256")
     p.add_argument("--queries", type=int, default=128, help="queries scored per image size")

@@ -53,9 +53,8 @@ def load(model_dir: Path, arch: archs.Arch, *, device: str, dtype: str, base: Pa
     tile budget from the environment, as ms-swift's own templates do).
     `varlen`: the vision tower's windows in one kernel (`imatch.attention`), not one per window."""
     import torch
-    from swift import get_model_processor, get_template
+    from swift import get_model_processor
 
-    os.environ.update(arch.tiles_environment(max_tiles))
     if arch.plugin:
         from swift.utils import import_external_file
 
@@ -76,10 +75,19 @@ def load(model_dir: Path, arch: archs.Arch, *, device: str, dtype: str, base: Pa
     if varlen:
         attention.enable(model)
     model.eval()
-    # the same generic pre-resize as `swift sft --max_pixels` applied in training
+    return model, processor, make_template(processor, arch, max_pixels=max_pixels, max_tiles=max_tiles)
+
+
+def make_template(processor, arch: archs.Arch, *, max_pixels: int | None, max_tiles: int | None = None):
+    """The ms-swift template of `arch` for inference, with the image budget of training: the same
+    generic pre-resize as `swift sft --max_pixels`, then at most `max_tiles` tiles (read by the
+    template from the environment when it is made)."""
+    from swift import get_template
+
+    os.environ.update(arch.tiles_environment(max_tiles))
     template = get_template(processor, template_type=arch.swift_template, max_pixels=max_pixels or None)
     template.set_mode("transformers")
-    return model, processor, template
+    return template
 
 
 def compile_layers(model) -> int:
