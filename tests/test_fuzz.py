@@ -132,9 +132,11 @@ def test_perfect_predictions_score_one(data):
     assume(len({r["total_score"] for r in gt}) >= 3 and any(r["element_score"] for r in gt))
     m = scored(gt, copy.deepcopy(gt))
     assert m["srcc"] == pytest.approx(1.0)
-    assert m["plcc"] == pytest.approx(1.0, abs=1e-6)
+    # The judge's MINPACK logistic fit can stop just short of the exact fit on a few distinct totals
+    # (0.99983 on an AMD EPYC for a case that gives 1.0 on other CPUs): within 1e-3, not 1e-6.
+    assert m["plcc"] == pytest.approx(1.0, abs=1e-3)
     assert m["acc"] == 1.0
-    assert m["final"] == pytest.approx(1.0, abs=1e-6)
+    assert m["final"] == pytest.approx(1.0, abs=1e-3)
 
 
 FLAT_FIT = ([rec(f"{i}.png", t, {KEYS[0]: 1}) for i, t in enumerate([1, 1, 1, 1, 1, 4, 1.75, 1.2578125, 2])],
