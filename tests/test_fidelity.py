@@ -236,3 +236,15 @@ def test_internvl_scores_as_the_original(internvl_loaded):
         for i, row in enumerate(rows):
             reference = tensors[f"{cases[row]['name']}.answer_probs"].numpy()
             assert np.abs(probs[i] - reference).max() < 1e-4, cases[row]["name"]
+
+
+def test_max_tiles_is_each_templates_own_setting():
+    """One key, the variable each ms-swift template reads; null = ms-swift's default (the paper's)."""
+    assert archs.get("internvl").tiles_environment(None) == {"MAX_NUM": "12"}
+    assert archs.get("ovis2").tiles_environment(None) == {"MAX_PARTITION": "9"}
+    assert archs.get("ovis2").tiles_environment(4) == {"MAX_PARTITION": "4"}
+    assert archs.get("qwen2_5_vl").tiles_environment(None) == {}
+    with pytest.raises(ValueError, match="max_pixels"):
+        archs.get("qwen2_5_vl").tiles_environment(4)
+    with pytest.raises(ValueError):
+        archs.get("internvl").tiles_environment(0)

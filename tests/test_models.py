@@ -83,7 +83,10 @@ def train_and_score(backbone, train_set, tmp_path, steps, lr):
     parquet, jsonl = train_set
     imatch("train", "--arch", "internvl", "--model", backbone, "--dataset", jsonl, "--out", tmp_path / "model",
            "--scratch", tmp_path / "scratch", "--learning-rate", lr, "--max-steps", steps, "--batch-size", "16",
-           "--save-steps", "1000", *FAST)
+           "--save-steps", "1000", "--max-tiles", "1", *FAST)
+    # the tile budget reached swift sft (its template reads MAX_NUM) and is recorded for `imatch score`
+    budget = json.loads((tmp_path / "model" / "training.json").read_text())["image_budget"]
+    assert budget == {"max_pixels": 16384, "max_tiles": 1, "env": {"MAX_NUM": "1"}}
     scores = {}
     for blank in (False, True):
         out = tmp_path / f"scores{'-blank' if blank else ''}.parquet"

@@ -129,3 +129,19 @@ def test_bench_measures_both_stages_on_tiny_models(tmp_path, imatch):
     assert rows[("train", "workflow")]["items"] == 4 * 2  # measured steps x batch, warm-up excluded
     table = (tmp_path / "out" / "bench.md").read_text()
     assert table.count("| qwen2_5_vl |") == 4 and "% peak" in table
+
+
+def test_bench_budget_counts_the_tiles_each_choice_makes(tmp_path, imatch):
+    """`--stages budget`: after ms-swift's 200,704-pixel shrink 1024² is 448² and 1024x768 is
+    517x388; the tiny InternVL (224-pixel tiles, 64 tokens each) makes every image 1 tile at
+    max_tiles 1, and at ms-swift's default 12 the square one 2 x 2 + thumbnail = 5 and the 4:3 one
+    4 x 3 + thumbnail = 13 (InternVL's closest aspect ratio)."""
+    imatch("bench", "--size", "tiny", "--device", "cpu", "--dtype", "float32", "--arch", "internvl",
+           "--stages", "budget", "--budget-tiles", "1", "12", "--budget-queries", "2", "--budget-batch", "2",
+           "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"))
+    rows = {(r["variant"].rsplit(" ", 1)[1], r["image"]): r for r in json.loads((tmp_path / "out" / "bench.json")
+                                                                                .read_text())["rows"]}
+    assert {k[0] for k in rows} == {"1", "12"} and all(r["per_second"] > 0 for r in rows.values())
+    assert all(rows[("1", shape)]["tiles"] == 1 for shape in ("1024x1024", "1024x768", "768x1344", "1536x640"))
+    assert rows[("12", "1024x1024")]["tiles"] == 5 and rows[("12", "1024x768")]["tiles"] == 13
+    assert rows[("12", "1024x768")]["tokens"] - rows[("1", "1024x768")]["tokens"] == 12 * 64

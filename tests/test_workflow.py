@@ -240,6 +240,11 @@ def test_real_configuration_dry_runs(workflow):
     assert all(("--no-gradient-checkpointing" in t) == ("/qwen2_5-vl-7b/" in t) for t in train)
     scoring = [line for line in lines if "imatch score-set " in line]
     assert scoring and all(" --compile " in s and " --workers 8 " in s and "--batch-size 64" in s for s in scoring)
+    # the image budget of each backbone (docs/fidelity.md), the same in training and scoring
+    tiles = {"/internvl2_5-8b-mpo/": "--max-tiles 12", "/ovis2-": "--max-tiles 9", "/qwen2_5-vl-7b/": None}
+    for line in train + scoring:
+        flag = next(v for k, v in tiles.items() if k in line)
+        assert (" --max-tiles " in line) == (flag is not None) and (flag is None or f" {flag} " in line), line
 
 
 def test_a_backbone_can_train_on_several_gpus_in_one_job(workflow, tmp_path):

@@ -1,8 +1,10 @@
 """InternVL2.5-8B-MPO in its native transformers form (`OpenGVLab/InternVL2_5-8B-MPO-hf`).
 
-ms-swift knows it as model type `internvl` with the `internvl_hf` template. Tiny: a 2-layer
-vision tower on one 224-pixel tile (64 image tokens after the pixel shuffle) and a 2-layer
-Qwen2-style LLM. `7b`: InternViT-300M + an InternLM2.5-7B-sized LLM, random weights, for GPU
+ms-swift knows it as model type `internvl` with the `internvl_hf` template, which is not what the
+paper's setup showed the original model (no system turn, other resampling); the plug-in
+archs/internvl_swift.py registers model type and template `internvl2_5_hf`, ms-swift's own
+`internvl2_5` encoding on the native class (docs/fidelity.md). Tiny: a 2-layer vision tower on one
+224-pixel tile (64 image tokens after the pixel shuffle) and a 2-layer Qwen2-style LLM. `7b`: InternViT-300M + an InternLM2.5-7B-sized LLM, random weights, for GPU
 benchmarks only.
 """
 

@@ -2,9 +2,10 @@
 
 ms-swift only knows the remote-code Ovis2 (`ovis2`), which no longer loads on transformers 5. Load
 with `swift sft ... --external_plugins <this file> --model_type ovis2_hf --template ovis2_hf`
-(`--custom_register_path` is the 3.x alias). Standalone on purpose: swift imports it by file path,
-also in dataloader workers. Importing it twice (by path and as `imatch.archs.ovis2_swift`) is
-harmless: registration is idempotent.
+(`--custom_register_path` is the 3.x alias). swift imports it by file path, also in dataloader
+workers, so it imports nothing of imatch but the light `imatch.archs.ovis2` (the original's
+tiling). Importing it twice (by path and as `imatch.archs.ovis2_swift`) is harmless: registration
+is idempotent.
 
 Two silent failures are guarded here (both leave training "working"):
 1. The native vision model exposes no input embeddings, so `enable_input_require_grads` hooks
