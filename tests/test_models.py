@@ -18,6 +18,7 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from scipy.stats import spearmanr
 
 from imatch import archs, levels
@@ -152,12 +153,27 @@ def test_batched_scores_equal_a_direct_forward_of_each_query(backbone, tables, t
         assert got.argmax_level == int(np.argmax(logits)) + 1
 
 
+def _weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+def _losses(folder: Path) -> list[float]:
+    return [p["loss"] for p in json.loads((folder / "training.json").read_text())["loss_curve"]]
+
+
 def test_killed_training_resumes_from_its_last_checkpoint(backbone, tables, tmp_path):
+    """SIGKILL of a full fine-tune after checkpoint-10 of 40, then the same command: it ends with the
+    uninterrupted run's loss curve and weights. (transformers 5 saves InternVL's weights under other
+    names than the Trainer resumes with: without `restore_live_keys` step 11 restarted from the
+    backbone, loss ~6 instead of the uninterrupted run's.)"""
     samples, elements = tables
     parquet, jsonl = write_set(build_overall(samples, elements, "train").head(32), tmp_path, "small")
-    args = [PY, "-m", "imatch", "train", "--arch", "internvl", "--model", str(backbone), "--dataset", str(jsonl),
-            "--out", str(tmp_path / "model"), "--scratch", str(tmp_path / "scratch"), "--learning-rate", "1e-3",
-            "--max-steps", "40", "--batch-size", "4", "--save-steps", "5", *FAST]
+    common = ["--arch", "internvl", "--model", str(backbone), "--dataset", str(jsonl), "--learning-rate", "1e-3",
+              "--max-steps", "40", "--batch-size", "4", "--save-steps", "5", *FAST]
+    imatch("train", *common, "--out", tmp_path / "reference", "--scratch", tmp_path / "reference-scratch")
+    args = [PY, "-m", "imatch", "train", *common, "--out", str(tmp_path / "model"), "--scratch", str(tmp_path / "scratch")]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and not (tmp_path / "scratch" / "checkpoint-10" / "trainer_state.json").is_file():
@@ -170,17 +186,46 @@ def test_killed_training_resumes_from_its_last_checkpoint(backbone, tables, tmp_
     assert "resuming from" in done.stdout
     record = json.loads((tmp_path / "model" / "training.json").read_text())
     assert record["global_step"] == 40
-    assert int(record["resumed_from"].split("-")[1]) >= 10
+    resumed = int(record["resumed_from"].split("-")[1])
+    assert resumed >= 10
     # one loss per step over both runs: the steps redone after the resume replace the killed run's
     assert [p["step"] for p in record["loss_curve"]] == list(range(1, 41))
+    reference = _losses(tmp_path / "reference")
+    assert reference[resumed] < reference[0] - 1  # it had learned something by then, to lose
+    assert np.allclose(_losses(tmp_path / "model"), reference, atol=1e-3), (_losses(tmp_path / "model"), reference)
+    weights, expected = _weights(tmp_path / "model"), _weights(tmp_path / "reference")
+    assert weights.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert torch.allclose(weights[key], tensor, atol=1e-5), key
     assert not any(p.name in {"optimizer.pt", "scheduler.pt"} for p in (tmp_path / "model").iterdir())
+    assert not (tmp_path / "scratch").exists()  # removed once the output was sealed
+
+
+def test_a_finished_training_is_not_trained_again(backbone, tables, tmp_path):
+    """A rerun that finds the scratch of a finished run (its output lost, or `snakemake -f`) makes the
+    output from the last checkpoint: no step past max_steps, the same weights and loss curve."""
+    samples, elements = tables
+    _, jsonl = write_set(build_overall(samples, elements, "train").head(16), tmp_path, "s")
+    base = ["train", "--arch", "internvl", "--model", backbone, "--dataset", jsonl, "--scratch", tmp_path / "scratch",
+            "--max-steps", "4", "--batch-size", "4", "--save-steps", "2", "--learning-rate", "1e-3",
+            "--keep-scratch", *FAST]
+    imatch(*base, "--out", tmp_path / "m1")
+    again = imatch(*base, "--out", tmp_path / "m2")
+    assert "nothing left to train" in again.stdout and "swift.cli.main" not in again.stdout
+    assert [c.name for c in sorted((tmp_path / "scratch").glob("checkpoint-*"))] == ["checkpoint-2", "checkpoint-4"]
+    for name in ("m1", "m2"):
+        assert json.loads((tmp_path / name / "training.json").read_text())["global_step"] == 4
+    assert _losses(tmp_path / "m2") == _losses(tmp_path / "m1")
+    first, second = _weights(tmp_path / "m1"), _weights(tmp_path / "m2")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_a_stale_scratch_folder_is_not_resumed(backbone, tables, tmp_path):
     samples, elements = tables
     _, jsonl = write_set(build_overall(samples, elements, "train").head(16), tmp_path, "s")
     base = ["train", "--arch", "internvl", "--model", backbone, "--dataset", jsonl, "--out", tmp_path / "m1",
-            "--scratch", tmp_path / "scratch", "--max-steps", "4", "--batch-size", "4", "--save-steps", "2", *FAST]
+            "--scratch", tmp_path / "scratch", "--max-steps", "4", "--batch-size", "4", "--save-steps", "2",
+            "--keep-scratch", *FAST]
     imatch(*base, "--learning-rate", "1e-3")
     other = imatch(*[tmp_path / "m2" if a == tmp_path / "m1" else a for a in base], "--learning-rate", "2e-3")
     assert "belongs to another run" in other.stdout and "resuming" not in other.stdout

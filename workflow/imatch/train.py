@@ -3,10 +3,12 @@
 The recipe (LoRA rank, unfrozen ViT and aligner, learning rate, schedule, epochs, batch) comes in
 as flags. ms-swift writes its working checkpoints to a scratch folder that Snakemake does not own:
 a killed job resumes from the last checkpoint when rerun, as long as the scratch folder belongs to
-the same run (same command, same data: fingerprinted); a stale one is cleared. Only on success is
-the final model (full weights or LoRA adapter, without optimizer state) copied, atomically, to the
-declared output together with `training.json`: resolved arguments, loss curve, package versions,
-data hash and timings.
+the same run (same command, same data: fingerprinted); a stale one is cleared. A resumed full
+fine-tune continues from the checkpoint's weights (`restore_live_keys`), and a run whose last step
+is already checkpointed trains nothing more (`finished`). Only on success is the final model (full
+weights or LoRA adapter, without optimizer state) copied, atomically, to the declared output
+together with `training.json`: resolved arguments, loss curve, package versions, data hash and
+timings; the scratch folder is then removed (`--keep-scratch` keeps it).
 """
 
 from __future__ import annotations
@@ -109,6 +111,33 @@ def complete(checkpoint: Path) -> bool:
     return (checkpoint / "trainer_state.json").is_file() and any(checkpoint.glob("*.safetensors"))
 
 
+def finished(checkpoint: Path) -> bool:
+    """A checkpoint at the last step of its run: resuming it would train a step past the end."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return bool(state.get("max_steps")) and state.get("global_step", 0) >= state["max_steps"]
+
+
+def restore_live_keys(checkpoint: Path) -> None:
+    """Make a full fine-tune's checkpoint resumable. transformers 5 saves InternVL and Qwen2.5-VL
+    weights under their original checkpoint names (a reverse key mapping), but the Trainer resumes
+    by `load_state_dict(strict=False)` of those names: nothing matches, and training silently goes
+    on from the backbone's weights. Rewrite the weights under the live module names (what
+    `from_pretrained` maps them to), atomically; LoRA adapters are resumed by peft and left as they are."""
+    import torch
+    from safetensors.torch import save_model
+    from transformers import AutoModelForImageTextToText
+
+    if (checkpoint / "adapter_config.json").is_file():
+        return
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype="auto", device_map="cpu")
+    with torch.no_grad():
+        tmp = checkpoint / "model.safetensors.imatch-tmp"
+        save_model(model, str(tmp), metadata={"format": "pt"})
+    for old in [*checkpoint.glob("model*.safetensors"), checkpoint / "model.safetensors.index.json"]:
+        old.unlink(missing_ok=True)
+    tmp.rename(checkpoint / "model.safetensors")
+
+
 def prepare_scratch(scratch: Path, fingerprint: dict) -> Path | None:
     """Keep the scratch folder only if it belongs to this run; return the checkpoint to resume."""
     record = scratch / FINGERPRINT
@@ -164,8 +193,12 @@ def train(args) -> dict:
     fingerprint = {"command": swift_command(args, arch, args.scratch, None), "data_sha256": data_hash,
                    "tiles": tiles}
     resume = prepare_scratch(args.scratch, fingerprint)
-    if resume is not None:
+    done = resume is not None and finished(resume)
+    if done:  # a finished run whose output was not written (killed, or a failed copy): nothing to train
+        print(f"{resume} is the last step of this run: nothing left to train, making the output from it")
+    elif resume is not None:
         print(f"resuming from {resume}")
+        restore_live_keys(resume)
     env = {**os.environ, **arch.env, **tiles}
     if args.gpus > 1:  # ms-swift's launcher runs torchrun with one process per GPU
         env["NPROC_PER_NODE"] = str(args.gpus)
@@ -176,11 +209,12 @@ def train(args) -> dict:
     if args.threads:  # torch's CPU threads in the swift process: the cores this job was given
         env["OMP_NUM_THREADS"] = str(args.threads)
     cmd = swift_command(args, arch, args.scratch, resume)
-    print("$ " + " ".join(cmd), flush=True)
     start = time.time()
-    proc = subprocess.run(cmd, env=env)
-    if proc.returncode != 0:
-        raise SystemExit(f"swift sft failed with exit code {proc.returncode}; checkpoints kept in {args.scratch}")
+    if not done:
+        print("$ " + " ".join(cmd), flush=True)
+        proc = subprocess.run(cmd, env=env)
+        if proc.returncode != 0:
+            raise SystemExit(f"swift sft failed with exit code {proc.returncode}; checkpoints kept in {args.scratch}")
     wall = time.time() - start
     final = [c for c in checkpoints(args.scratch) if complete(c)]
     if not final:
@@ -216,6 +250,8 @@ def train(args) -> dict:
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
         (tmp / "training.json").write_text(json.dumps(record, indent=1))
         integrity.seal(tmp)  # scoring checks the adapter against it before loading
+    if not args.keep_scratch:  # the output is sealed: its checkpoints (most of the disk) are not needed
+        shutil.rmtree(args.scratch, ignore_errors=True)
     return record
 
 
@@ -258,6 +294,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--gpus", type=int, default=0, help="GPUs this job asked for; fail if a different number is visible")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: its default, every core)")
     p.add_argument("--step-times", type=Path, help="append per-step compute / data-wait seconds here (JSON lines)")
+    p.add_argument("--keep-scratch", action="store_true",
+                   help="keep the working checkpoints after the output is written (default: removed)")
     p.add_argument("--max-tiles", type=int, default=None,
                    help="most tiles per image (InternVL MAX_NUM, Ovis2 max_partition; default: ms-swift's, 12 / 9); "
                         "not for Qwen2.5-VL, whose budget is --max-pixels alone")
