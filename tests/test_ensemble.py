@@ -106,3 +106,21 @@ def test_text_baseline_fits_on_train_only_and_covers_every_row(tables):
     prior, _ = prior_predictions(samples, elements)
     assert pred.groupby(samples["prompt_type"])["total_score"].nunique().min() > prior.groupby(
         samples["prompt_type"])["total_score"].nunique().max()
+
+
+@pytest.mark.parametrize("task, value", [("element", float("nan")), ("element", 9.0), ("overall", float("inf")),
+                                         ("overall", 0.0)])
+def test_non_finite_or_out_of_range_scores_are_refused(tmp_path, task, value):
+    """A NaN expected level (a diverged model) was rounded to an in-range level and stated in the
+    overall queries as if measured; now every stage that reads score tables refuses it, naming the
+    file and the query."""
+    good = scores(tmp_path, "good", task, [("x.png", "red (color)", 2.0), ("y.png", "red (color)", 6.0)])
+    bad = scores(tmp_path, "bad", task, [("x.png", "red (color)", 2.0), ("y.png", "red (color)", value)])
+    with pytest.raises(InputError, match=r"bad\.parquet.*y\.png"):
+        if task == "element":
+            element_levels([good, bad])
+        else:
+            combine([good, bad], [scores(tmp_path, "e", "element", [("x.png", "red (color)", 2.0),
+                                                                      ("y.png", "red (color)", 6.0)])], tau=3)
+    if task == "element":
+        assert element_levels([good])["level"].tolist() == [2, 6]  # in range: read as before

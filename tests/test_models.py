@@ -229,3 +229,31 @@ def test_a_stale_scratch_folder_is_not_resumed(backbone, tables, tmp_path):
     imatch(*base, "--learning-rate", "1e-3")
     other = imatch(*[tmp_path / "m2" if a == tmp_path / "m1" else a for a in base], "--learning-rate", "2e-3")
     assert "belongs to another run" in other.stdout and "resuming" not in other.stdout
+
+
+def test_a_diverged_model_is_refused_at_scoring(backbone, tables, tmp_path):
+    """Non-finite logits (a fine-tune that diverged) were scored with exit 0 as `NaN expected`; now
+    score-set stops, naming the model, the set and the first image, and writes nothing."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from imatch.integrity import seal
+
+    samples, elements = tables
+    parquet, _ = write_set(build_overall(samples, elements, "train").head(4), tmp_path, "few")
+    broken = tmp_path / "diverged"
+    shutil.copytree(backbone, broken)
+    weights = load_file(broken / "model.safetensors")
+    head = next(k for k in weights if k.endswith("lm_head.weight"))
+    weights[head] = torch.full_like(weights[head], float("nan"))
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    (broken / "manifest.json").unlink()
+    seal(broken)
+    out = tmp_path / "scores.parquet"
+    proc = imatch("score-set", "--arch", "internvl", "--model", broken, "--instructions", parquet, "--out", out,
+                  "--dtype", "float32", "--max-pixels", "16384", check=False)
+    first = pd.read_parquet(parquet)["img_path"].iloc[0]
+    assert proc.returncode == 2 and str(broken) in proc.stderr and "non-finite" in proc.stderr, proc.stderr[-2000:]
+    assert "few.parquet" in proc.stderr and first in proc.stderr
+    assert not out.exists()

@@ -89,3 +89,21 @@ def test_ground_truth_refuses_unlabelled_split(tables, tmp_path, imatch):
     code, _, err = imatch("ground-truth", "--samples", tables[0], "--elements", tables[1], "--split", "test",
                           "--out", tmp_path / "gt.json")
     assert code == 2 and "unlabelled images" in err and not (tmp_path / "gt.json").exists()
+
+
+@pytest.mark.parametrize("total, element", [(42.0, None), (-7.0, None), (float("inf"), None), (None, 1.5)])
+def test_out_of_range_predictions_never_reach_the_submission(tables, tmp_path, imatch, total, element):
+    """Totals outside the judge's 1-5 scale or element scores outside 0-1 (a hand edit, a damaged
+    table) are refused, naming the table and the image; no zip is written."""
+    pred, pred_el = _predictions(tmp_path, *tables, "val")
+    if total is not None:
+        pred.iloc[1, pred.columns.get_loc("total_score")] = total
+        bad = pred["img_path"].iloc[1]
+    else:
+        pred_el.iloc[2, pred_el.columns.get_loc("score")] = element
+        bad = pred_el["img_path"].iloc[2]
+    pred.to_parquet(tmp_path / "p.parquet")
+    pred_el.to_parquet(tmp_path / "e.parquet")
+    code, _, err = _submit(imatch, tmp_path, tables, "val")
+    assert code == 2 and ("p.parquet" if total is not None else "e.parquet") in err and bad in err, err
+    assert not (tmp_path / "submission.zip").exists()

@@ -25,6 +25,19 @@ from imatch.atomic import write_parquet
 from imatch.errors import InputError
 
 KEYS = {"overall": ["img_path"], "element": ["img_path", "element"]}
+# what `score-set` can write: a value outside is a damaged or hand-edited table, never averaged in
+RANGES = {("overall", "expected_level"): (1, 15), ("overall", "score"): (1, 5),
+          ("element", "expected_level"): (1, 7), ("element", "score"): (0, 1)}
+
+
+def check_range(values: pd.Series, low: float, high: float, path, what: str) -> None:
+    """Refuse a non-finite or out-of-range value, naming the file and the first such row."""
+    numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
+    bad = ~np.isfinite(numbers) | (numbers < low - 1e-9) | (numbers > high + 1e-9)
+    if bad.any():
+        first = values.index[bad.argmax()]
+        raise InputError(path, f"{what} must be finite and in [{low}, {high}]; {int(bad.sum())} rows are not",
+                         f"{first!r}: {values.iloc[bad.argmax()]!r}")
 
 
 def by_model(paths: list[Path], task: str, column: str, *, split: str | None = None, view: str = "seen"
@@ -44,7 +57,9 @@ def by_model(paths: list[Path], task: str, column: str, *, split: str | None = N
             raise InputError(path, f"expected {task} scores, found {sorted(set(table['task']))}")
         if table.duplicated(keys).any():
             raise InputError(path, "duplicate query", str(table.loc[table.duplicated(keys), keys].iloc[0].to_dict()))
-        frames.append(table.set_index(keys)[column].rename(str(path)))
+        values = table.set_index(keys)[column]
+        check_range(values, *RANGES[(task, column)], path, f"{task} {column}")
+        frames.append(values.rename(str(path)))
     first = frames[0].index
     for path, frame in zip(paths[1:], frames[1:]):
         if not frame.index.sort_values().equals(first.sort_values()):

@@ -33,6 +33,10 @@ from imatch.atomic import write_parquet
 from imatch.devices import check_gpus
 from imatch.errors import InputError
 
+class ScoringError(Exception):
+    """A model whose answers are not probabilities (non-finite logits), with the first image."""
+
+
 COLUMNS = ["id", "task", "split", "view", "img_path", "element", "probs", "expected_level", "argmax_level", "score", "hit"]
 
 
@@ -257,6 +261,12 @@ def score_table(table: pd.DataFrame, model, processor, template, *, task: str, b
     images = [_blank(p, blanks) if blanks is not None else p for p in table["image"]]
     probs = score_probs(model, template, images, list(table["query"]), answer_token_ids(tokenizer, symbols),
                         batch_size=batch_size, workers=workers, bucket=bucket, desc=f"score {task}")
+    bad = ~np.isfinite(probs).all(axis=1) | (np.abs(probs.sum(axis=1) - 1) > 1e-3)
+    if bad.any():  # a diverged model (NaN / inf logits): refuse, never write "NaN expected"
+        row = table.iloc[int(bad.argmax())]
+        raise ScoringError(f"{int(bad.sum())} of {len(probs)} {task} queries got non-finite answer probabilities "
+                           f"(a diverged model?), first: image {row['img_path']}"
+                           + (f" element {row['element']}" if task == "element" else ""))
     lv = np.arange(1, len(symbols) + 1)
     expected = probs @ lv
     out = table[["id", "task", "split", "img_path", "element"]].copy()
@@ -397,10 +407,13 @@ def _run(args) -> int:
     t0 = time.time()
     parts = []
     with tempfile.TemporaryDirectory(prefix="imatch-blank-") as grey:  # the grey stand-in images
-        for table, view, _, _ in tables:
-            out = score_table(table, model, processor, template, task=task, batch_size=args.batch_size, tau=args.tau,
-                              blank_dir=Path(grey) if view == "blank" else None, workers=args.workers,
-                              bucket=args.bucket)
+        for table, view, _, path in tables:
+            try:
+                out = score_table(table, model, processor, template, task=task, batch_size=args.batch_size,
+                                  tau=args.tau, blank_dir=Path(grey) if view == "blank" else None,
+                                  workers=args.workers, bucket=args.bucket)
+            except ScoringError as exc:  # nothing is written: the model is named, and the image
+                raise InputError(args.model, f"scoring {path} ({view}): {exc}") from None
             if len(out) != len(table):
                 raise AssertionError("scoring changed the row count")
             parts.append(out)

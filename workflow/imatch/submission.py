@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from imatch.atomic import atomic_path, write_json
+from imatch.ensemble import check_range
 from imatch.errors import InputError
 
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)
@@ -76,6 +77,7 @@ def _check_predictions(s, e, pred: pd.DataFrame, pred_el: pd.DataFrame, pred_pat
     totals = pred.set_index("img_path")["total_score"]
     if totals.reindex(s["img_path"]).isna().any():
         raise InputError(pred_path, "total_score is null or NaN")
+    check_range(totals.reindex(s["img_path"]), 1, 5, pred_path, "total_score")  # the judge's 1-5 scale
     if pred_el.duplicated(["img_path", "element"]).any():
         dup = pred_el[pred_el.duplicated(["img_path", "element"])].iloc[0]
         raise InputError(el_path, "duplicate element prediction", f"img_path={dup['img_path']!r} element={dup['element']!r}")
@@ -87,6 +89,7 @@ def _check_predictions(s, e, pred: pd.DataFrame, pred_el: pd.DataFrame, pred_pat
         raise InputError(el_path, f"{len(absent)} element keys have no prediction", f"img_path={img!r} element={key!r}")
     if scores.reindex(wanted).isna().any():
         raise InputError(el_path, "element score is null or NaN")
+    check_range(scores.reindex(wanted), 0, 1, el_path, "element score")
     return totals, scores
 
 
