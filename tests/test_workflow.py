@@ -348,3 +348,23 @@ def test_the_ensemble_predicts_every_image_and_element_key_once(workflow):
         assert not pred_el.duplicated(["img_path", "element"]).any()
         assert sorted(map(tuple, pred_el[["img_path", "element"]].values)) == sorted(map(tuple, keys.values))
         assert pred["total_score"].notna().all() and pred_el["score"].notna().all()
+
+
+def test_a_finished_tree_does_not_hide_config_errors(workflow, tmp_path):
+    """On a finished results tree a wrong name planned nothing and exited 0; now Snakemake stops
+    while parsing the config, naming the key. Values reaching a shell are quoted."""
+    wd, small = workflow
+    assert planned_jobs(snakemake(wd, "-n", configs=[small])) == set()  # finished
+    for overlay, key in (({"ensemble": {"overall": ["tiny-ovis3"], "element": [], "weights": "mean"}}, "ensemble.overall"),
+                         ({"submission": {"predictor": "ensembel"}}, "submission.predictor"),
+                         ({"data": {"eval_json": "nowhere.json"}}, "data.eval_json")):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(yaml.safe_dump(overlay))
+        proc = snakemake(wd, "-n", configs=[small, bad], check=False)
+        assert proc.returncode != 0 and f"config: {key}" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    backbones = yaml.safe_load((wd / "config" / "config.yaml").read_text())["backbones"]
+    backbones[0]["recipe"] = {"lr_scheduler": "cosine; touch pwned"}
+    quoted = tmp_path / "quoted.yaml"
+    quoted.write_text(yaml.safe_dump({"backbones": backbones}))
+    text = snakemake(wd, "-n", "-p", configs=[small, quoted]).stdout
+    assert "--lr-scheduler 'cosine; touch pwned'" in text and "--lr-scheduler cosine; touch" not in text

@@ -4,6 +4,7 @@ import copy
 import json
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -13,6 +14,17 @@ validate(config, schema="../schemas/config.schema.yaml")
 
 RESULTS = config["results"]
 PACKAGE = Path(workflow.basedir) / "workflow" / "imatch"
+sys.path.insert(0, str(PACKAGE.parent))
+import yaml  # noqa: E402
+from imatch import config_checks  # noqa: E402
+
+# what the schema cannot say (names that must exist, per-backbone overrides, input files), checked
+# now: on a finished results tree nothing else would look at them
+config_checks.check(
+    config,
+    yaml.safe_load((PACKAGE.parent / "schemas" / "config.schema.yaml").read_text()),
+    Path.cwd(),
+)
 # Rules run the package from this checkout: with --sdm conda in the env of envs/imatch.yaml,
 # otherwise with the Python that runs Snakemake (no need to activate the venv).
 # Shell commands call `imatch <command>` exactly as a user would on the command line.
@@ -130,7 +142,6 @@ def all_targets():
 
 
 # ---- instruction sets (names are hashes of their settings: see imatch/variants.py) -----------
-sys.path.insert(0, str(PACKAGE.parent))
 from imatch.variants import Registry  # noqa: E402
 
 VARIANTS = Registry(config["instructions"])
@@ -222,21 +233,6 @@ def augment_flags(wildcards):
 # ---- backbones, fine-tuning and scoring ------------------------------------------------------
 BACKBONES = {b["name"]: b for b in config["backbones"]}
 BASELINES = ["prior", "text"]
-RESERVED = {*BASELINES, "ensemble", "ensemble-r1"}
-if (
-    len(BACKBONES) != len(config["backbones"])
-    or RESERVED & set(BACKBONES)
-    or any(n.startswith("blank-") for n in BACKBONES)
-):
-    raise ValueError(
-        f"config: backbone names must be unique, not start with 'blank-' and not be one of {sorted(RESERVED)}"
-    )
-for b in config["backbones"]:
-    if b["arch"] == "qwen2_5_vl" and b["max_tiles"] is not None:
-        raise ValueError(
-            f"config: backbone {b['name']}: max_tiles is for tiling architectures (internvl, ovis2);"
-            " Qwen2.5-VL's image budget is train.max_pixels"
-        )
 FINAL = f"r{config['rounds']}"  # round 2 = trained again on train + pseudo-labelled val
 
 
@@ -289,6 +285,7 @@ def backbone_folder(wildcards):
 
 
 def recipe_flags(wildcards):
+    """The recipe as `imatch train` flags; keys checked by config_checks, values shell-quoted."""
     r = {**config["train"], **BACKBONES[wildcards.backbone]["recipe"]}
     flags = []
     for key, value in sorted(r.items()):
@@ -296,9 +293,9 @@ def recipe_flags(wildcards):
         if isinstance(value, bool):
             flags.append(opt if value else f"--no-{opt[2:]}")
         elif isinstance(value, list):
-            flags.append(f"{opt} {' '.join(value)}" if value else "")
+            flags.append(f"{opt} {' '.join(map(shlex.quote, map(str, value)))}" if value else "")
         else:
-            flags.append(f"{opt} {value}")
+            flags.append(f"{opt} {shlex.quote(str(value))}")
     flags.append(tiles_flag(wildcards.backbone))
     return " ".join(f for f in flags if f)
 
@@ -314,12 +311,15 @@ def score_settings(name):
 
 
 def score_flags(wildcards):
+    """The scoring settings as `imatch score-set` flags (values shell-quoted)."""
     s = score_settings(wildcards.backbone)
     r = {**config["train"], **BACKBONES[wildcards.backbone]["recipe"]}
+    compile_flag = "--compile" if s["compile"] else "--no-compile"
+    s = {k: shlex.quote(str(v)) for k, v in s.items()}
     return (
         f"--batch-size {s['batch_size']} --dtype {s['dtype']} --device {s['device']}"
         f" --tau {s['tau']} --max-pixels {r['max_pixels']} --workers {s['workers']}"
-        f" {'--compile' if s['compile'] else '--no-compile'} {tiles_flag(wildcards.backbone)}"
+        f" {compile_flag} {tiles_flag(wildcards.backbone)}"
     )
 
 

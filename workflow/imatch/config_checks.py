@@ -1,0 +1,102 @@
+"""What the JSON schema cannot say about a config, checked when Snakemake parses it.
+
+The schema checks each key on its own; these checks relate keys to each other (a backbone's
+`recipe` / `scoring` overrides against the `train` / `score` schema, every name that must be a
+backbone or a predictor, files that must exist). They run whether or not results exist: on a
+finished results tree a wrong name would otherwise plan nothing and exit 0 ("Nothing to be done").
+Every message names the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+BASELINES = ["prior", "text"]
+
+
+class ConfigError(ValueError):
+    """A config that cannot mean what it says, named by its key."""
+
+    def __init__(self, message: str):
+        super().__init__(f"config: {message}")
+
+
+def predictor_names(backbones: list[str]) -> list[str]:
+    """Every predictor a config may evaluate or submit: the baselines, each backbone, the final
+    ensemble, the round-1 ensemble, and the grey-image control of each model predictor."""
+    models = [*backbones, "ensemble", "ensemble-r1"]
+    return [*BASELINES, *models, *(f"blank-{n}" for n in [*backbones, "ensemble"])]
+
+
+def _schema_errors(section_schema: dict, values: dict) -> list[str]:
+    from jsonschema import Draft202012Validator
+
+    return [f"{'.'.join(map(str, e.path)) or '(all)'}: {e.message}"
+            for e in Draft202012Validator(section_schema).iter_errors(values)]
+
+
+def check_overrides(config: dict, schema: dict) -> None:
+    """A backbone's `recipe` (of `train`) and `scoring` (of `score`): known keys, valid values once
+    merged (a typo would reach the shell as an unknown flag, or be ignored)."""
+    for b in config["backbones"]:
+        for key, section in (("recipe", "train"), ("scoring", "score")):
+            overrides = b.get(key) or {}
+            known = schema["properties"][section]["properties"]
+            unknown = sorted(set(overrides) - set(known))
+            if unknown:
+                raise ConfigError(f"backbones[{b['name']}].{key}: unknown key(s) {unknown}; "
+                                  f"the keys of `{section}` are {sorted(known)}")
+            errors = _schema_errors(schema["properties"][section], {**config[section], **overrides})
+            if errors:
+                raise ConfigError(f"backbones[{b['name']}].{key}: {errors[0]}")
+
+
+def check_names(config: dict) -> None:
+    """Names that refer to backbones or predictors must exist."""
+    names = [b["name"] for b in config["backbones"]]
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise ConfigError(f"backbones: the name {name!r} is used twice")
+        seen.add(name)
+    reserved = {*BASELINES, "ensemble", "ensemble-r1"}
+    for b in config["backbones"]:
+        if b["name"] in reserved or b["name"].startswith("blank-"):
+            raise ConfigError(f"backbones: {b['name']!r} is reserved (not {sorted(reserved)}, not blank-*)")
+        if b["arch"] == "qwen2_5_vl" and b.get("max_tiles") is not None:
+            raise ConfigError(f"backbones[{b['name']}].max_tiles: only for the tiling architectures (internvl, "
+                              "ovis2); Qwen2.5-VL's image budget is train.max_pixels")
+    lists = {"ensemble.overall": config["ensemble"]["overall"], "ensemble.element": config["ensemble"]["element"],
+             "pseudo_labels.from": config["pseudo_labels"]["from"],
+             "element_levels.from": config.get("element_levels", {}).get("from", []),
+             "ablation.backbones": config.get("ablation", {}).get("backbones", [])}
+    for key, values in lists.items():
+        unknown = sorted(set(values or []) - set(names))
+        if unknown:
+            raise ConfigError(f"{key}: unknown backbone(s) {unknown}; the backbones are {names}")
+    predictors = predictor_names(names)
+    unknown = sorted(set(config["evaluate"]["predictors"]) - set(predictors))
+    if unknown:
+        raise ConfigError(f"evaluate.predictors: unknown predictor(s) {unknown}; known: {predictors}")
+    if config["submission"]["predictor"] not in predictors:
+        raise ConfigError(f"submission.predictor: unknown predictor {config['submission']['predictor']!r}; "
+                          f"known: {predictors}")
+
+
+def check_paths(config: dict, workdir: Path) -> None:
+    """Input files the config names must exist (relative to the working directory)."""
+    data = config["data"]
+    if data["source"] == "local":
+        if not data.get("local_dir"):
+            raise ConfigError("data.local_dir: data.source is 'local' but no folder is given")
+        if not (workdir / data["local_dir"]).is_dir():
+            raise ConfigError(f"data.local_dir: {data['local_dir']} is not a folder")
+    for key in ("eval_json", "final_test"):
+        if data.get(key) and not (workdir / data[key]).is_file():
+            raise ConfigError(f"data.{key}: {data[key]} is not a file")
+
+
+def check(config: dict, schema: dict, workdir: Path) -> None:
+    check_names(config)
+    check_overrides(config, schema)
+    check_paths(config, workdir)
