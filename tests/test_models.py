@@ -257,3 +257,64 @@ def test_a_diverged_model_is_refused_at_scoring(backbone, tables, tmp_path):
     assert proc.returncode == 2 and str(broken) in proc.stderr and "non-finite" in proc.stderr, proc.stderr[-2000:]
     assert "few.parquet" in proc.stderr and first in proc.stderr
     assert not out.exists()
+
+
+def _processes_mentioning(text: str) -> list:
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(text in part for part in (p.info["cmdline"] or [])):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def test_sigterm_stops_training_and_its_swift_process(backbone, tables, tmp_path):
+    """`scancel` sends SIGTERM first: imatch train used to die alone and leave `swift sft` training
+    on as an orphan. Now the whole process tree stops, exit 143, no output; checkpoints stay."""
+    samples, elements = tables
+    _, jsonl = write_set(build_overall(samples, elements, "train").head(32), tmp_path, "t")
+    scratch = tmp_path / "scratch"
+    args = [PY, "-m", "imatch", "train", "--arch", "internvl", "--model", str(backbone), "--dataset", str(jsonl),
+            "--out", str(tmp_path / "model"), "--scratch", str(scratch), "--max-steps", "400", "--batch-size", "4",
+            "--save-steps", "5", "--learning-rate", "1e-3", *FAST]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (scratch / "checkpoint-5" / "trainer_state.json").is_file():
+            time.sleep(0.5)
+            assert proc.poll() is None, "training ended before the signal"
+        assert len(_processes_mentioning(str(scratch))) >= 2  # imatch and swift
+        proc.send_signal(signal.SIGTERM)  # to imatch alone, as a scheduler would
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+        time.sleep(1)
+        assert _processes_mentioning(str(scratch)) == []  # no orphan trains on
+        assert not (tmp_path / "model").exists() and (scratch / "checkpoint-5").is_dir()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_sigterm_during_scoring_leaves_no_temporary_folder(backbone, tables, tmp_path):
+    """The grey control images live in a temporary folder: SIGTERM used to leave it behind."""
+    samples, elements = tables
+    table = build_overall(samples, elements, "train")
+    parquet, _ = write_set(pd.concat([table] * 4, ignore_index=True).assign(id=lambda t: t.index.astype(str)),
+                           tmp_path, "many")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    args = [PY, "-m", "imatch", "score-set", "--arch", "internvl", "--model", str(backbone), "--blank-instructions",
+            str(parquet), "--out", str(tmp_path / "s.parquet"), "--dtype", "float32", "--max-pixels", "16384",
+            "--batch-size", "1", "--threads", "1"]
+    proc = subprocess.Popen(args, env={**os.environ, "TMPDIR": str(tmp)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp.glob("imatch-blank-*/blank_*.png")):
+        time.sleep(0.2)
+        assert proc.poll() is None, "scoring ended before the signal"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert not list(tmp.glob("imatch-blank-*")) and not (tmp_path / "s.parquet").exists()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import sys
+import threading
 
 from imatch import (__version__, ablation, augment, backbone, baseline, bench, demo_data, download, ensemble, evaluate, ingest,
                     instructions, integrity, plots, predict, provenance, pseudo, reproducibility, score, submission, train)
@@ -35,8 +37,16 @@ def _storage_error(exc: OSError) -> bool:
     return exc.errno in STORAGE_ERRNOS or any(os.strerror(e) in str(exc) for e in STORAGE_ERRNOS)
 
 
+def _exit_on_sigterm(signum, frame):
+    """SIGTERM (`scancel`, Snakemake stopping a job) unwinds like an error: temporary folders and
+    files are removed, child processes are stopped, nothing partial is left; exit 128 + signal."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)

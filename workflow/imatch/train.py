@@ -111,6 +111,28 @@ def complete(checkpoint: Path) -> bool:
     return (checkpoint / "trainer_state.json").is_file() and any(checkpoint.glob("*.safetensors"))
 
 
+def stop_process_tree(proc, grace: float = 30.0) -> None:
+    """SIGTERM to a child and all its descendants (ms-swift's launcher starts more processes), then
+    SIGKILL to whatever is left after `grace` seconds."""
+    import psutil
+
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in tree:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(tree, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def finished(checkpoint: Path) -> bool:
     """A checkpoint at the last step of its run: resuming it would train a step past the end."""
     state = json.loads((checkpoint / "trainer_state.json").read_text())
@@ -212,9 +234,14 @@ def train(args) -> dict:
     start = time.time()
     if not done:
         print("$ " + " ".join(cmd), flush=True)
-        proc = subprocess.run(cmd, env=env)
-        if proc.returncode != 0:
-            raise SystemExit(f"swift sft failed with exit code {proc.returncode}; checkpoints kept in {args.scratch}")
+        proc = subprocess.Popen(cmd, env=env)
+        try:
+            returncode = proc.wait()
+        except BaseException:  # SIGTERM (imatch.cli), Ctrl-C: never leave swift training on as an orphan
+            stop_process_tree(proc)
+            raise
+        if returncode != 0:
+            raise SystemExit(f"swift sft failed with exit code {returncode}; checkpoints kept in {args.scratch}")
     wall = time.time() - start
     final = [c for c in checkpoints(args.scratch) if complete(c)]
     if not final:
