@@ -166,3 +166,49 @@ def test_a_folder_without_write_permission_keeps_the_previous_outputs(source, tm
         out.chmod(0o755)
     assert proc.returncode != 0 and "Permission denied" in proc.stderr and str(out) in proc.stderr, proc.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing replaced, nothing torn
+
+
+@pytest.mark.parametrize("damage", ["cut", "edited"])
+def test_a_cut_or_edited_training_set_is_refused(backbone, ingested, tmp_path, imatch, damage):
+    """A training jsonl cut at a line boundary (half its rows) was trained on; now `imatch train`
+    checks it against the sidecar `imatch instructions` wrote (row count, sha256), before swift starts."""
+    samples, elements = ingested
+    out, jsonl = tmp_path / "train.parquet", tmp_path / "train.jsonl"
+    assert imatch("instructions", "--task", "overall", "--split", "train", "--samples", samples, "--elements",
+                  elements, "--out", out, "--jsonl", jsonl)[0] == 0
+    lines = jsonl.read_text().splitlines(keepends=True)
+    assert json.loads((tmp_path / "train.parquet.json").read_text())["counts"]["rows"] == len(lines) > 2
+    if damage == "cut":
+        jsonl.write_text("".join(lines[: len(lines) // 2]))
+    else:  # same rows, one answer changed
+        jsonl.write_text("".join(lines[:-1]) + lines[-1].replace('"content": "', '"content": "x', 1))
+    code, _, err = imatch("train", "--arch", "internvl", "--model", backbone, "--dataset", jsonl,
+                          "--out", tmp_path / "model", "--scratch", tmp_path / "scratch")
+    assert code == 2 and "train.jsonl" in err, err
+    assert (f"{len(lines) // 2} rows, but train.parquet.json records {len(lines)}" if damage == "cut"
+            else "sha256 differs") in err, err
+    assert not (tmp_path / "scratch").exists() and not (tmp_path / "model").exists()  # swift never started
+
+
+def test_a_trained_model_without_its_manifest_is_not_scored(backbone, tmp_path, imatch):
+    """A trained model folder always carries manifest.json (imatch train seals it); one without was
+    tampered with and was scored anyway ("files not verified", exit 0). Old trees: --allow-unsealed."""
+    import pandas as pd
+
+    model = tmp_path / "model"
+    shutil.copytree(backbone, model)
+    (model / "training.json").write_text("{}")  # what makes it a trained model folder
+    (model / "manifest.json").unlink()
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "a.png")
+    queries = tmp_path / "q.parquet"
+    pd.DataFrame({"id": ["a.png"], "task": ["overall"], "split": ["val"], "img_path": ["a.png"], "element": [None],
+                  "image": [str(tmp_path / "a.png")], "query": ["<image>Prompt: a red square\nHow well?"]}
+                 ).to_parquet(queries)
+    args = ["score-set", "--arch", "internvl", "--model", model, "--instructions", queries,
+            "--out", tmp_path / "scores.parquet", "--device", "cpu", "--dtype", "float32"]
+    code, _, err = imatch(*args)
+    assert code == 2 and "no manifest.json" in err and str(model) in err, err
+    assert not (tmp_path / "scores.parquet").exists()
+    assert imatch(*args, "--allow-unsealed")[0] == 0 and len(pd.read_parquet(tmp_path / "scores.parquet")) == 1

@@ -51,7 +51,8 @@ def answer_token_ids(tokenizer, symbols: list[str]) -> list[int]:
 
 
 def load(model_dir: Path, arch: archs.Arch, *, device: str, dtype: str, base: Path | None = None,
-         max_pixels: int | None = None, max_tiles: int | None = None, varlen: bool = True):
+         max_pixels: int | None = None, max_tiles: int | None = None, varlen: bool = True,
+         allow_unsealed: bool = False):
     """Model (base + LoRA adapter, or full weights) and ms-swift template in inference mode.
     `max_pixels`, `max_tiles`: the image budget the model was trained with (the template reads the
     tile budget from the environment, as ms-swift's own templates do).
@@ -69,7 +70,10 @@ def load(model_dir: Path, arch: archs.Arch, *, device: str, dtype: str, base: Pa
     if adapter and base is None:
         raise InputError(model_dir, "a LoRA adapter needs --base (the backbone it was trained on)")
     for folder in (model_dir, base) if adapter else (model_dir,):
-        integrity.verify(folder)  # a damaged file stops here, named, before it is loaded
+        # a damaged file stops here, named, before it is loaded; a trained model always has a
+        # manifest (imatch train seals it): one without was altered, unless asked to read an old tree
+        trained = (Path(folder) / "training.json").is_file()
+        integrity.verify(folder, required=trained and not allow_unsealed)
     model, processor = get_model_processor(str(source), model_type=arch.swift_model_type, torch_dtype=torch_dtype,
                                            device_map=device, download_model=False, use_hf=True, attn_impl="sdpa")
     if adapter:
@@ -300,6 +304,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-pixels", type=int, default=200704, help="the same image budget as in training")
     p.add_argument("--max-tiles", type=int, default=None,
                    help="the same tile budget as in training (InternVL, Ovis2; default: ms-swift's, 12 / 9)")
+    p.add_argument("--allow-unsealed", action="store_true",
+                   help="score a trained model folder without manifest.json (made before manifests existed)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: its default)")
     p.add_argument("--gpus", type=int, default=0, help="GPUs this job asked for; fail if a different number is visible")
     p.add_argument("--shard", type=int, default=0, help="score only shard K (0-based) of --shards contiguous parts of each set")
@@ -401,7 +407,8 @@ def _run(args) -> int:
         device = "auto"  # a model too large for one GPU: its layers spread over all it was given
     start = time.time()
     model, processor, template = load(args.model, arch, device=device, dtype=args.dtype, base=args.base,
-                                      max_pixels=args.max_pixels, max_tiles=args.max_tiles, varlen=args.varlen)
+                                      max_pixels=args.max_pixels, max_tiles=args.max_tiles, varlen=args.varlen,
+                                      allow_unsealed=args.allow_unsealed)
     if args.compile:
         print(f"compiled {compile_layers(model)} transformer blocks", flush=True)
     t0 = time.time()
