@@ -108,10 +108,32 @@ def path_escape(source):
     return "train_list.json", "img_path must be relative"
 
 
+def image_tag_in_prompt(source):
+    _edit(source / "train_list.json", lambda r: r[1].update(prompt=r[1]["prompt"] + " <image>"))
+    return "train_list.json", "prompt holds '<image>'"
+
+
+def image_tag_in_element(source):
+    def change(r):
+        r[0]["element_score"]["<image> frame (object)"] = [1, 1]
+    _edit(source / "train_list.json", change)
+    return "train_list.json", "holds '<image>'"
+
+
+def sixteen_bit_image(source):
+    """PIL turns a 16-bit PNG into a near-white RGB image: the model would see nothing."""
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.full((32, 32), 3000, dtype=np.uint16)).save(source / "images" / _first_img(source))
+    return "train_list.json", "pixel mode 'I;16'"
+
+
 CASES = [
     malformed_json, missing_field, missing_total_in_train, missing_image, unreadable_image, truncated_image,
     duplicate_img_path, duplicate_across_files, total_out_of_range, element_out_of_range, nan_score,
     element_without_category, unknown_prompt_type, labels_for_unknown_image, eval_keys_differ, path_escape,
+    image_tag_in_prompt, image_tag_in_element, sixteen_bit_image,
 ]
 
 

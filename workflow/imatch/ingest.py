@@ -31,6 +31,12 @@ from imatch.zipparts import safe_extract
 SPLITS = ["train", "holdout", "val", "test"]
 PROMPT_TYPES = {"real", "synthetic"}
 REQUIRED_FIELDS = ("prompt_id", "prompt", "type", "img_path")
+# Text that ms-swift's templates replace in a query (media and grounding tags): a prompt holding one
+# would shift every image slot or be rendered as a box.
+TEMPLATE_TAGS = ("<image>", "<video>", "<audio>", "<ref-object>", "<bbox>")
+# PIL image modes whose conversion to RGB is not a picture: 16/32-bit integers saturate to white,
+# floats to black (the model would see a blank image)
+UNREADABLE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 # The real files spell it "promt_meaningless"; accept both spellings.
 MEANINGLESS_KEYS = ("promt_meaningless", "prompt_meaningless")
 SAMPLE_COLUMNS = [
@@ -121,6 +127,10 @@ def parse_record(rec, index: int, path: Path, *, require_labels: bool) -> tuple[
     for field in ("prompt_id", "prompt", "type", "img_path"):
         if not isinstance(rec[field], str):
             raise InputError(path, f"{field} must be a string, got {rec[field]!r}", label)
+    tag = next((t for t in TEMPLATE_TAGS if t in rec["prompt"]), None)
+    if tag:
+        raise InputError(path, f"prompt holds {tag!r}, which ms-swift's templates read as a media or grounding "
+                               "tag, not text", label)
     if rec["type"] not in PROMPT_TYPES:
         raise InputError(path, f"type must be one of {sorted(PROMPT_TYPES)}, got {rec['type']!r}", label)
     img = PurePosixPath(rec["img_path"])
@@ -153,6 +163,10 @@ def parse_record(rec, index: int, path: Path, *, require_labels: bool) -> tuple[
     element_rows = []
     for key, value in elements.items():
         parts = split_element_key(key)
+        tag = next((t for t in TEMPLATE_TAGS if t in key), None)
+        if tag:
+            raise InputError(path, f"element key {key!r} holds {tag!r}, which ms-swift's templates read as a tag",
+                             label)
         if parts is None:
             raise InputError(path, f"element key {key!r} has no ' (<category>)' suffix", label)
         score, _ = _score(value, lo=0, hi=1, field=f"element_score[{key!r}]", path=path, label=label)
@@ -194,6 +208,10 @@ def _eval_elements(rec: dict, row: dict, eval_path: Path, label: str) -> tuple[f
     joined = []
     for key in keys or list(scores):
         parts = split_element_key(key)
+        tag = next((t for t in TEMPLATE_TAGS if t in key), None)
+        if tag:
+            raise InputError(path, f"element key {key!r} holds {tag!r}, which ms-swift's templates read as a tag",
+                             label)
         if parts is None:
             raise InputError(eval_path, f"element key {key!r} has no ' (<category>)' suffix", label)
         score, _ = _score(scores[key], lo=0, hi=1, field=f"element_score[{key!r}]", path=eval_path, label=label)
@@ -274,9 +292,13 @@ def _check_image(row: dict, images_root: Path, source: Path) -> None:
     try:
         with Image.open(path) as im:
             row["width"], row["height"] = im.size
+            mode = im.mode
             im.verify()
     except Exception as exc:  # PIL raises many types for unreadable files
         raise InputError(source, f"unreadable image {path}: {exc}", label) from None
+    if mode in UNREADABLE_MODES:
+        raise InputError(source, f"image {path} has pixel mode {mode!r} (16/32-bit or float): converted to RGB it "
+                                 "would be blank; save it as 8-bit RGB", label)
     row["image"] = str(path)
 
 
