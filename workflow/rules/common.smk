@@ -293,7 +293,9 @@ def recipe_flags(wildcards):
         if isinstance(value, bool):
             flags.append(opt if value else f"--no-{opt[2:]}")
         elif isinstance(value, list):
-            flags.append(f"{opt} {' '.join(map(shlex.quote, map(str, value)))}" if value else "")
+            flags.append(
+                f"{opt} {' '.join(map(shlex.quote, map(str, value)))}" if value else ""
+            )
         else:
             flags.append(f"{opt} {shlex.quote(str(value))}")
     flags.append(tiles_flag(wildcards.backbone))
