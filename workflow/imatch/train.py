@@ -111,7 +111,7 @@ def complete(checkpoint: Path) -> bool:
     return (checkpoint / "trainer_state.json").is_file() and any(checkpoint.glob("*.safetensors"))
 
 
-def check_against_sidecar(dataset: Path, rows: int) -> None:
+def check_against_sidecar(dataset: Path, rows: int, sha256: str) -> None:
     """A set written by `imatch instructions` has a sidecar `<set>.parquet.json` with its row count
     and the jsonl's sha256: a file cut at a line boundary or edited by hand is refused."""
     sidecar = dataset.with_suffix(".parquet.json")
@@ -121,7 +121,7 @@ def check_against_sidecar(dataset: Path, rows: int) -> None:
     expected = (record.get("counts") or {}).get("rows")
     if expected is not None and rows != expected:
         raise InputError(dataset, f"{rows} rows, but {sidecar.name} records {expected} (cut short or edited?)")
-    if record.get("jsonl_sha256") and sha256_file(dataset) != record["jsonl_sha256"]:
+    if record.get("jsonl_sha256") and sha256 != record["jsonl_sha256"]:
         raise InputError(dataset, f"sha256 differs from the one {sidecar.name} records (edited after it was built?)")
 
 
@@ -169,9 +169,9 @@ def restore_live_keys(checkpoint: Path) -> None:
     with torch.no_grad():
         tmp = checkpoint / "model.safetensors.imatch-tmp"
         save_model(model, str(tmp), metadata={"format": "pt"})
-    for old in [*checkpoint.glob("model*.safetensors"), checkpoint / "model.safetensors.index.json"]:
-        old.unlink(missing_ok=True)
-    tmp.rename(checkpoint / "model.safetensors")
+    os.replace(tmp, checkpoint / "model.safetensors")  # the Trainer reads this one before any shards
+    for shard in [*checkpoint.glob("model-*-of-*.safetensors"), checkpoint / "model.safetensors.index.json"]:
+        shard.unlink(missing_ok=True)
 
 
 def prepare_scratch(scratch: Path, fingerprint: dict) -> Path | None:
@@ -215,17 +215,17 @@ def versions() -> dict:
 def train(args) -> dict:
     arch = archs.get(args.arch)
     gpu_line = check_gpus(args.gpus)
-    n_rows = 0
+    n_rows, data_hash = 0, []
     for dataset in args.dataset:
         if not Path(dataset).is_file():
             raise InputError(dataset, "training set not found")
         rows = sum(1 for _ in open(dataset, encoding="utf-8"))
         if rows == 0:
             raise InputError(dataset, "training set is empty")
-        check_against_sidecar(Path(dataset), rows)
+        data_hash.append(sha256_file(Path(dataset)))
+        check_against_sidecar(Path(dataset), rows, data_hash[-1])
         n_rows += rows
     integrity.verify(args.model)  # the backbone, before swift loads it
-    data_hash = [sha256_file(Path(d)) for d in args.dataset]
     tiles = arch.tiles_environment(args.max_tiles)  # env: ms-swift's templates read the tile budget there
     fingerprint = {"command": swift_command(args, arch, args.scratch, None), "data_sha256": data_hash,
                    "tiles": tiles}
