@@ -168,25 +168,20 @@ def test_a_folder_without_write_permission_keeps_the_previous_outputs(source, tm
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing replaced, nothing torn
 
 
-@pytest.mark.parametrize("damage", ["cut", "edited"])
-def test_a_cut_or_edited_training_set_is_refused(backbone, ingested, tmp_path, imatch, damage):
+def test_a_cut_training_set_is_refused(backbone, ingested, tmp_path, imatch):
     """A training jsonl cut at a line boundary (half its rows) was trained on; now `imatch train`
-    checks it against the sidecar `imatch instructions` wrote (row count, sha256), before swift starts."""
+    checks it against the row count of the sidecar `imatch instructions` wrote, before swift starts."""
     samples, elements = ingested
     out, jsonl = tmp_path / "train.parquet", tmp_path / "train.jsonl"
     assert imatch("instructions", "--task", "overall", "--split", "train", "--samples", samples, "--elements",
                   elements, "--out", out, "--jsonl", jsonl)[0] == 0
     lines = jsonl.read_text().splitlines(keepends=True)
     assert json.loads((tmp_path / "train.parquet.json").read_text())["counts"]["rows"] == len(lines) > 2
-    if damage == "cut":
-        jsonl.write_text("".join(lines[: len(lines) // 2]))
-    else:  # same rows, one answer changed
-        jsonl.write_text("".join(lines[:-1]) + lines[-1].replace('"content": "', '"content": "x', 1))
+    jsonl.write_text("".join(lines[: len(lines) // 2]))
     code, _, err = imatch("train", "--arch", "internvl", "--model", backbone, "--dataset", jsonl,
                           "--out", tmp_path / "model", "--scratch", tmp_path / "scratch")
     assert code == 2 and "train.jsonl" in err, err
-    assert (f"{len(lines) // 2} rows, but train.parquet.json records {len(lines)}" if damage == "cut"
-            else "sha256 differs") in err, err
+    assert f"{len(lines) // 2} rows, but train.parquet.json records {len(lines)}" in err, err
     assert not (tmp_path / "scratch").exists() and not (tmp_path / "model").exists()  # swift never started
 
 

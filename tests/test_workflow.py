@@ -304,8 +304,14 @@ def test_a_killed_run_resumes_with_rerun_incomplete_and_ends_like_an_uninterrupt
         proc = subprocess.Popen(snakemake_command(copy, target, configs=[small], cores=1), stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
-    def started():  # score jobs whose log the shell has opened in this run
-        return [k for k in (0, 1) if logs[k].stat().st_mtime_ns != old_logs[k]]
+    def mtime(path):  # None while Snakemake has removed the log to prepare the job
+        try:
+            return path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return None
+
+    def started():  # score jobs whose log Snakemake removed or the shell opened in this run
+        return [k for k in (0, 1) if mtime(logs[k]) != old_logs[k]]
 
     deadline = time.time() + 600
     while not (len(started()) == 2 and sum(p.exists() for p in shards) == 1):

@@ -149,11 +149,9 @@ def write_set(table: pd.DataFrame, out: Path, jsonl: Path, settings: dict) -> No
     counts = {"rows": len(table), "with_target": int(table["target"].notna().sum()),
               "augmented": int(table["augmentation"].notna().sum()),
               "perturbed": int((table["delta"].fillna(0) != 0).sum())}
-    from imatch.download import sha256_file
-
-    # `imatch train` checks the jsonl against these before training on it (a cut or edited file)
-    write_json({"settings": settings, "counts": counts, "jsonl_sha256": sha256_file(Path(jsonl))},
-               Path(f"{out}.json"))
+    # `imatch train` checks the jsonl's row count against `counts` before training on it (a cut file);
+    # no hash of the jsonl here: it holds absolute image paths, so it differs between two checkouts
+    write_json({"settings": settings, "counts": counts}, Path(f"{out}.json"))
 
 
 def add_parser(subparsers) -> None:
