@@ -79,10 +79,12 @@ def nan_score(source):
     return "train_list.json", "nan is not a finite number"
 
 
+def _add_element(source, key):
+    _edit(source / "train_list.json", lambda r: r[0]["element_score"].update({key: [1, 1]}))
+
+
 def element_without_category(source):
-    def change(r):
-        r[0]["element_score"]["puffin"] = [1, 1]
-    _edit(source / "train_list.json", change)
+    _add_element(source, "puffin")
     return "train_list.json", "element key 'puffin' has no ' (<category>)' suffix"
 
 
@@ -114,9 +116,7 @@ def image_tag_in_prompt(source):
 
 
 def image_tag_in_element(source):
-    def change(r):
-        r[0]["element_score"]["<image> frame (object)"] = [1, 1]
-    _edit(source / "train_list.json", change)
+    _add_element(source, "<image> frame (object)")
     return "train_list.json", "holds '<image>'"
 
 

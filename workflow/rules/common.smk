@@ -232,7 +232,7 @@ def augment_flags(wildcards):
 
 # ---- backbones, fine-tuning and scoring ------------------------------------------------------
 BACKBONES = {b["name"]: b for b in config["backbones"]}
-BASELINES = ["prior", "text"]
+BASELINES = config_checks.BASELINES
 FINAL = f"r{config['rounds']}"  # round 2 = trained again on train + pseudo-labelled val
 
 
@@ -496,11 +496,7 @@ def tau_of(wildcards):
 
 
 def members(names):
-    names = names or list(BACKBONES)
-    unknown = set(names) - set(BACKBONES)
-    if unknown:
-        raise ValueError(f"config: unknown backbones {sorted(unknown)}")
-    return names
+    return names or list(BACKBONES)  # names checked by config_checks at parse time
 
 
 def model_predictor(name):
@@ -521,10 +517,7 @@ def model_predictor(name):
 
 
 MODEL_PREDICTORS = [
-    *BACKBONES,
-    "ensemble",
-    "ensemble-r1",
-    *(f"blank-{n}" for n in [*BACKBONES, "ensemble"]),
+    n for n in config_checks.predictor_names(list(BACKBONES)) if n not in BASELINES
 ]
 
 
@@ -570,13 +563,9 @@ def weight_inputs(wildcards):
 
 
 def predictors():
-    names = config["evaluate"]["predictors"]
-    unknown = set(names) - {*BASELINES, *MODEL_PREDICTORS}
-    if unknown:
-        raise ValueError(
-            f"config: evaluate.predictors names unknown predictors {sorted(unknown)}"
-        )
-    return names
+    return config["evaluate"][
+        "predictors"
+    ]  # names checked by config_checks at parse time
 
 
 def report_predictions(wildcards):

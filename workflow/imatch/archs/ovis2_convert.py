@@ -117,9 +117,10 @@ IMAGE_PROCESSOR_KEYS = ("image_mean", "image_std", "resample", "rescale_factor",
                         "do_convert_rgb")
 
 
-def image_processor_settings(src: Path) -> dict:
+def image_processor_settings(src: Path, image: int) -> dict:
     """Resize/normalisation settings of the source's preprocessor_config.json (the original loads
-    its image processor from the checkpoint folder); refused if the original could not use it."""
+    its image processor from the checkpoint folder); refused if the original could not use it or
+    would tile at another size than the ViT's `image`."""
     path = src / "preprocessor_config.json"
     if not path.is_file():
         raise InputError(path, "no preprocessor_config.json: the original Ovis2 reads its image processor there")
@@ -127,6 +128,9 @@ def image_processor_settings(src: Path) -> dict:
     if not cfg.get("do_resize", True) or cfg.get("do_center_crop", False):
         raise InputError(path, "the original Ovis2 needs do_resize true and do_center_crop false",
                          f"do_resize={cfg.get('do_resize')!r} do_center_crop={cfg.get('do_center_crop')!r}")
+    tile = (cfg.get("crop_size") or {}).get("height", image)
+    if tile != image:  # the original tiles at crop_size; its position embeddings are for image_size
+        raise InputError(path, f"crop_size {tile} differs from the ViT's image_size {image}")
     return {k: cfg[k] for k in IMAGE_PROCESSOR_KEYS if k in cfg}
 
 
@@ -172,10 +176,7 @@ def convert(src_dir, out_dir) -> Path:
     vision = _vision_config(vt, backbone)
     image = backbone.get("image_size", 448)
     tokenizer = ovis_tokenizer(src)
-    pixels = image_processor_settings(src)
-    tile = (json.loads((src / "preprocessor_config.json").read_text()).get("crop_size") or {}).get("height", image)
-    if tile != image:  # the original tiles at crop_size; its position embeddings are for image_size
-        raise InputError(src / "preprocessor_config.json", f"crop_size {tile} differs from the ViT's image_size {image}")
+    pixels = image_processor_settings(src, image)
     text = {k: v for k, v in cfg["llm_config"].items() if k not in DROP_KEYS}
     tie = bool(text.pop("tie_word_embeddings", False))
     special = {k: text.pop(k, None) for k in ("eos_token_id", "bos_token_id", "pad_token_id")}
