@@ -22,7 +22,8 @@ test: $(STAMP)
 # The fault, bad-input, integrity, fuzzing and determinism tests of docs/reliability.md
 reliability: $(STAMP)
 	$(VENV)/bin/pytest -v -rA tests/test_bad_input.py tests/test_integrity.py tests/test_fuzz.py \
-	  tests/test_reproducibility.py tests/test_slurm.py \
+	  tests/test_reproducibility.py tests/test_slurm.py tests/test_provenance.py tests/test_lengths.py \
+	  tests/test_config_checks.py tests/test_ingest.py \
 	  tests/test_models.py::test_killed_training_resumes_from_its_last_checkpoint \
 	  tests/test_models.py::test_a_stale_scratch_folder_is_not_resumed \
 	  tests/test_workflow.py::test_a_killed_run_resumes_with_rerun_incomplete_and_ends_like_an_uninterrupted_one \

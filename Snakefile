@@ -3,6 +3,12 @@
 from snakemake.utils import min_version
 
 min_version("9.0")
+sys.path.insert(0, f"{workflow.basedir}/workflow")
+from imatch.config_checks import read_yaml
+
+# a YAML mistake in the default config is named with its file and line (Snakemake's own message
+# names neither; files given with --configfile: `imatch check-config FILE`)
+read_yaml("config/config.yaml")
 
 
 configfile: "config/config.yaml"

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
 import yaml
 from jsonschema import Draft202012Validator
-from jsonschema.validators import extend
 
-from imatch.config_checks import ConfigError, check, predictor_names
+from imatch.config_checks import ConfigError, check, check_writable, predictor_names, with_defaults
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
@@ -18,15 +16,7 @@ SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").r
 
 def _with_defaults(config: dict) -> dict:
     """The config as Snakemake's validate(set_default=True) leaves it."""
-    def set_defaults(validator, properties, instance, schema):
-        for name, sub in properties.items():
-            if isinstance(instance, dict) and "default" in sub:
-                instance.setdefault(name, copy.deepcopy(sub["default"]))
-        yield from Draft202012Validator.VALIDATORS["properties"](validator, properties, instance, schema)
-
-    config = copy.deepcopy(config)
-    extend(Draft202012Validator, {"properties": set_defaults})(SCHEMA).validate(config)
-    return config
+    return with_defaults(config, SCHEMA)
 
 
 @pytest.fixture
@@ -69,3 +59,58 @@ def test_a_results_folder_with_a_space_is_refused_by_the_schema(real):
 
 def test_predictor_names():
     assert predictor_names(["a"]) == ["prior", "text", "a", "ensemble", "ensemble-r1", "blank-a", "blank-ensemble"]
+
+
+def test_a_read_only_log_folder_is_refused_before_any_job(tmp_path):
+    """Snakemake deletes a job's old outputs before it runs; a log it then cannot write cost the
+    previous submission.zip. The check runs as the process's effective permissions (root bypasses
+    permission bits only with CAP_DAC_OVERRIDE, hence the subprocess without it)."""
+    import os
+    import subprocess
+    import sys
+
+    logs = tmp_path / "results" / "logs" / "submission"
+    logs.mkdir(parents=True)
+    logs.chmod(0o555)
+    drop = ["setpriv", "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search"]
+    code = ("import sys; from pathlib import Path; from imatch.config_checks import check_writable, ConfigError\n"
+            "try:\n    check_writable(Path(sys.argv[1]))\nexcept ConfigError as e:\n    print(e); sys.exit(3)")
+    try:
+        proc = subprocess.run([*(drop if os.geteuid() == 0 else []), sys.executable, "-c", code, str(tmp_path / "results")],
+                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "workflow")})
+    finally:
+        logs.chmod(0o755)
+    assert proc.returncode == 3 and f"log folder {logs} is not writable" in proc.stdout, proc.stdout + proc.stderr
+    check_writable(tmp_path / "results")  # writable again: nothing to say
+
+
+
+def test_check_config_names_the_file_line_and_key(tmp_path, imatch):
+    """Snakemake's message for a YAML mistake named neither file nor line; `imatch check-config`
+    (and the Snakefile, for config/config.yaml) name both. A schema error names the key."""
+    bad = tmp_path / "mine.yaml"
+    bad.write_text("ingest:\n  seed: 1\n   holdout_fraction: 0.2\n")
+    code, _, err = imatch("check-config", "--workdir", REPO, bad)
+    assert code == 2 and f"{bad}: not valid YAML: line 3, column 20: mapping values are not allowed here" in err, err
+    bad.write_text("train:\n  lr_scheduler: 3\n")
+    code, _, err = imatch("check-config", "--workdir", REPO, bad)
+    assert code == 2 and "train.lr_scheduler: 3 is not of type 'string'" in err, err
+    bad.write_text("ensemble: {overall: [tiny-ovis3]}\n")
+    code, _, err = imatch("check-config", "--workdir", REPO, bad)
+    assert code == 2 and "ensemble.overall: unknown backbone(s) ['tiny-ovis3']" in err, err
+    code, out, _ = imatch("check-config", "--workdir", REPO, REPO / "config" / "evalmuse.yaml")
+    assert code == 0 and "config ok" in out
+
+
+def test_a_yaml_mistake_in_the_default_config_is_named_by_snakemake(tmp_path):
+    import subprocess
+
+    from wfhelpers import SNAKEMAKE, copy_workflow
+
+    wd, _ = copy_workflow(tmp_path / "wf")
+    with open(wd / "config" / "config.yaml", "a") as fh:
+        fh.write("\nbroken:\n  a: 1\n   b: 2\n")
+    lines = (wd / "config" / "config.yaml").read_text().count("\n")
+    proc = subprocess.run([str(SNAKEMAKE), "-n", "-d", str(wd), "-s", str(wd / "Snakefile")], capture_output=True, text=True)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and f"config/config.yaml: not valid YAML: line {lines}, column 5" in text, text[-2000:]

@@ -149,6 +149,24 @@ def test_unpacking_is_skipped_when_parts_are_unchanged(demo_zip, tmp_path, capsy
     assert "unpacked" in capsys.readouterr().out and img.stat().st_mtime_ns != stamp
 
 
+def test_images_purged_from_the_unpacked_cache_are_unpacked_again(demo_zip, tmp_path, capsys):
+    """A scratch purge deleted some unpacked images: ingest blamed the data set ("image not found")
+    and, with skip_bad_records, dropped those records. Now the cache is checked against the zip's
+    member list and unpacked again; the tables equal those of the first run."""
+    ingest(demo_zip, tmp_path / "out", eval_json=demo_zip / "eval.json")
+    first = {n: (tmp_path / "out" / n).read_bytes() for n in ("samples.parquet", "elements.parquet")}
+    images = sorted((tmp_path / "out" / "unpacked" / "images").rglob("*.png"))
+    purged, cut = images[3], images[5]
+    purged.unlink()
+    cut.write_bytes(cut.read_bytes()[:100])  # half a file: same name, another size
+    capsys.readouterr()
+    summary = ingest(demo_zip, tmp_path / "out", eval_json=demo_zip / "eval.json", skip_bad_records=True)
+    out = capsys.readouterr().out
+    assert "2 unpacked files missing or changed" in out and purged.name in out, out
+    assert summary["skipped"] == [] and purged.is_file() and cut.stat().st_size > 100
+    assert first == {n: (tmp_path / "out" / n).read_bytes() for n in first}
+
+
 def test_zip_members_cannot_escape_the_target(source, tmp_path):
     shutil.rmtree(source / "images")
     with zipfile.ZipFile(source / "images.zip.part-aa", "w") as zf:
@@ -157,3 +175,40 @@ def test_zip_members_cannot_escape_the_target(source, tmp_path):
         ingest(source, tmp_path / "out")
     assert "../evil.png" in str(err.value)
     assert not (tmp_path / "evil.png").exists() and not (tmp_path / "out" / "unpacked").exists()
+
+
+def test_a_second_ingest_into_the_same_folder_is_refused_while_one_runs(demo_folder, tmp_path):
+    """Two ingests into one --out at once: the second replaced the unpacked images under the first,
+    which blamed the data set ("image not found"). Now the second is refused, naming the folder."""
+    import subprocess
+    import sys
+
+    from imatch import ingest as module
+
+    out = tmp_path / "out"
+    # the first ingest holds the lock (a child process, as a concurrent job would)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from filelock import FileLock\n"
+                               f"with FileLock({str(tmp_path / '.out.imatch-ingest.lock')!r}):\n"
+                               "    print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(InputError, match="another `imatch ingest` is writing this folder") as refused:
+            module.ingest(demo_folder, out)
+        assert str(out) in str(refused.value) and not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    module.ingest(demo_folder, out)  # released: ingests
+    assert (out / "samples.parquet").is_file()
+
+
+def test_a_template_tag_in_an_eval_json_element_key_is_named():
+    """(pyflakes found `path` undefined here: a NameError instead of the named refusal.)"""
+    from pathlib import Path
+
+    from imatch.ingest import _eval_elements
+
+    with pytest.raises(InputError, match=r"element key 'a <image> \(object\)' holds '<image>'") as refused:
+        _eval_elements({"total_score": 3, "element_score": {"a <image> (object)": 1}}, {"_elements": []},
+                       Path("eval.json"), "record 1")
+    assert str(refused.value).startswith("eval.json: record 1")

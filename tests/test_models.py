@@ -82,9 +82,12 @@ def memorisation_set(table: pd.DataFrame, n_prompts: int) -> pd.DataFrame:
 
 def train_and_score(backbone, train_set, tmp_path, steps, lr):
     parquet, jsonl = train_set
-    imatch("train", "--arch", "internvl", "--model", backbone, "--dataset", jsonl, "--out", tmp_path / "model",
-           "--scratch", tmp_path / "scratch", "--learning-rate", lr, "--max-steps", steps, "--batch-size", "16",
-           "--save-steps", "1000", "--max-tiles", "1", *FAST)
+    run = imatch("train", "--arch", "internvl", "--model", backbone, "--dataset", jsonl, "--out", tmp_path / "model",
+                 "--scratch", tmp_path / "scratch", "--learning-rate", lr, "--max-steps", steps, "--batch-size", "16",
+                 "--save-steps", "1000", "--max-tiles", "1", *FAST)
+    # the native backbone ships no code: the log no longer claims trust_remote_code=True (imatch.swift_log)
+    log = run.stdout + run.stderr
+    assert "no remote code runs" in log and "with trust_remote_code=True" not in log, log[-3000:]
     # the tile budget reached swift sft (its template reads MAX_NUM) and is recorded for `imatch score`
     budget = json.loads((tmp_path / "model" / "training.json").read_text())["image_budget"]
     assert budget == {"max_pixels": 16384, "max_tiles": 1, "env": {"MAX_NUM": "1"}}
@@ -257,6 +260,14 @@ def test_a_diverged_model_is_refused_at_scoring(backbone, tables, tmp_path):
     assert proc.returncode == 2 and str(broken) in proc.stderr and "non-finite" in proc.stderr, proc.stderr[-2000:]
     assert "few.parquet" in proc.stderr and first in proc.stderr
     assert not out.exists()
+    # `imatch score` (a user's folder) scores through predict._score: the same refusal, named, no traceback
+    from imatch import predict
+    from imatch.errors import InputError
+
+    with pytest.raises(InputError, match="non-finite") as refused:
+        predict._score([(broken, {"arch": "internvl", "base_model": str(broken), "swift_command": []})],
+                       pd.read_parquet(parquet), "overall", "cpu", "float32", 4)
+    assert str(broken) in str(refused.value) and first in str(refused.value)
 
 
 def _processes_mentioning(text: str) -> list:
@@ -318,3 +329,32 @@ def test_sigterm_during_scoring_leaves_no_temporary_folder(backbone, tables, tmp
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     assert not list(tmp.glob("imatch-blank-*")) and not (tmp_path / "s.parquet").exists()
+
+
+def test_remote_code_is_claimed_only_for_a_folder_that_ships_code(backbone, tmp_path):
+    """ms-swift warns "Loading model from DIR with trust_remote_code=True" for every model; the
+    filter keeps that warning for a folder whose config.json has an auto_map, and only there."""
+    import logging
+    import shutil
+
+    from swift.model.model_meta import _get_model_info
+
+    from imatch import swift_log  # noqa: F401  (installs the filter)
+
+    shipped = tmp_path / "shipped"
+    shutil.copytree(backbone, shipped)
+    config = json.loads((shipped / "config.json").read_text())
+    (shipped / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoConfig": "configuration_x.XConfig"}}))
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("swift").addHandler(handler)
+    try:
+        for folder in (backbone, shipped):
+            _get_model_info(str(folder), None, None)
+    finally:
+        logging.getLogger("swift").removeHandler(handler)
+    said = {(r.levelname, r.getMessage().split(":")[0]) for r in records if "remote" in r.getMessage()}
+    assert said == {("INFO", f"Reading the config of {str(backbone)!r}"),
+                    ("WARNING", f"Loading model from {str(shipped)!r} with trust_remote_code=True. This will execute custom Python code shipped in the model repository (e.g. configuration_*.py, modeling_*.py, tokenization_*.py). Only proceed if you trust the source of this model.")}, said
+

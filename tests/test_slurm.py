@@ -99,3 +99,8 @@ def test_the_demo_runs_through_slurm_like_a_local_run(cluster, tmp_path):
     assert len(table) > 30 and table[table["status"] != "identical"].empty, table[table["status"] != "identical"]
     # and a second run has nothing to do
     assert planned_jobs(snakemake(wd, "-n", "--profile", str(profile), configs=[config])) == set()
+    # every artifact the SLURM jobs made matches its provenance record (jobs ran on a compute node)
+    from imatch.provenance import audit
+
+    for tree in (wd / "results", local / "results"):
+        assert audit(tree) == [], (tree, audit(tree)[:10])

@@ -31,6 +31,36 @@ def test_full_run_produces_metrics_and_submission(workflow):
     assert all((wd / "results" / "logs" / f).is_file() for f in ("demo_data.log", "ingest.log", "metrics_summary.log"))
 
 
+def test_the_tree_just_made_audits_clean_also_copied_and_damage_is_named(workflow, tmp_path):
+    """`imatch audit` reported 18 problems on a fresh tree (79 on a copy): Snakemake's
+    .snakemake_timestamp files, folder mtimes, stages writing into another's folder. Now a fresh
+    tree and a `cp -a` copy audited from elsewhere report none, and each damage names its file."""
+    wd, _ = workflow
+    env = {**os.environ, "PYTHONPATH": str(wd / "workflow")}
+    audit = [sys.executable, "-m", "imatch", "audit"]
+    proc = subprocess.run([*audit, "results"], cwd=wd, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and '"problems": 0' in proc.stdout, proc.stdout[-3000:]
+    assert json.loads(proc.stdout.splitlines()[-1])["records"] > 100
+    copy = tmp_path / "scratch" / "results"
+    copy.parent.mkdir()
+    subprocess.run(["cp", "-a", str(wd / "results"), str(copy)], check=True)
+    samples = pd.read_parquet(copy / "data" / "samples.parquet")
+    samples.loc[0, "total_score"] = 5.0 if samples.loc[0, "total_score"] != 5.0 else 1.0  # an edited parquet
+    samples.to_parquet(copy / "data" / "samples.parquet")
+    model = copy / "models" / "tiny-ovis2" / "overall-r2"
+    gone = next(n for n in ("tokenizer.json", "config.json") if (model / n).is_file())
+    (model / gone).unlink()  # a deleted model file
+    jsonl = sorted(copy.glob("instructions/*/train.jsonl"))[0]
+    jsonl.write_text("".join(jsonl.read_text().splitlines(keepends=True)[:3]))  # a truncated jsonl
+    proc = subprocess.run([*audit, str(copy)], cwd=tmp_path, capture_output=True, text=True, env=env)
+    lines = proc.stdout.splitlines()[:-1]
+    assert proc.returncode == 1 and sorted(lines) == sorted([
+        f"{copy}/data/samples.parquet: artifact changed since it was made",
+        f"{model}/{gone}: missing",
+        f"{jsonl}: artifact changed since it was made",
+    ]), proc.stdout[-3000:]
+
+
 def test_all_three_architectures_train_and_score(workflow):
     wd, _ = workflow
     for name, arch in [("tiny-internvl", "internvl"), ("tiny-qwen2_5_vl", "qwen2_5_vl"), ("tiny-ovis2", "ovis2")]:
@@ -368,6 +398,21 @@ def test_a_finished_tree_does_not_hide_config_errors(workflow, tmp_path):
         bad.write_text(yaml.safe_dump(overlay))
         proc = snakemake(wd, "-n", configs=[small, bad], check=False)
         assert proc.returncode != 0 and f"config: {key}" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    # a read-only log folder: Snakemake deleted the previous submission.zip, then the job failed to
+    # write its log; now refused at parse time (as root, permission bits bind only without the capability)
+    target = wd / "results" / "predictions" / "ensemble" / "test" / "submission.zip"
+    before, logs = target.read_bytes(), wd / "results" / "logs" / "submission"
+    drop = ["setpriv", "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search"]
+    logs.chmod(0o555)
+    try:
+        proc = subprocess.run([*(drop if os.geteuid() == 0 else []),
+                               *snakemake_command(wd, "-f", str(target.relative_to(wd)), configs=[small])],
+                              capture_output=True, text=True)
+    finally:
+        logs.chmod(0o755)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and f"log folder {logs} is not writable" in text, text[-3000:]
+    assert target.read_bytes() == before
     backbones = yaml.safe_load((wd / "config" / "config.yaml").read_text())["backbones"]
     backbones[0]["recipe"] = {"lr_scheduler": "cosine; touch pwned"}
     quoted = tmp_path / "quoted.yaml"

@@ -5,10 +5,16 @@ The schema checks each key on its own; these checks relate keys to each other (a
 backbone or a predictor, files that must exist). They run whether or not results exist: on a
 finished results tree a wrong name would otherwise plan nothing and exit 0 ("Nothing to be done").
 Every message names the key.
+
+`imatch check-config [FILE ...]` runs the same checks without Snakemake (on a login node, before a
+submission), and names the file and line of a YAML syntax error: Snakemake reads `--configfile`
+files before any workflow code runs, and its message ("Config file is not valid JSON or YAML")
+names neither.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 BASELINES = ["prior", "text"]
@@ -96,7 +102,94 @@ def check_paths(config: dict, workdir: Path) -> None:
             raise ConfigError(f"data.{key}: {data[key]} is not a file")
 
 
+def check_writable(results: Path) -> None:
+    """Every folder of the log tree must be writable. Snakemake deletes a job's old outputs before
+    the job runs; a job that cannot then write its log fails with its previous outputs gone (a
+    read-only log folder cost the last `submission.zip`). Refused before any job starts."""
+    logs = Path(results) / "logs"
+    if not logs.is_dir():
+        return
+    for folder, _, _ in os.walk(logs):
+        if not os.access(folder, os.W_OK | os.X_OK, effective_ids=True):
+            raise ConfigError(f"results: log folder {folder} is not writable; a job would lose its previous "
+                              "outputs before failing to write its log")
+
+
 def check(config: dict, schema: dict, workdir: Path) -> None:
     check_names(config)
     check_overrides(config, schema)
     check_paths(config, workdir)
+    check_writable(workdir / config["results"])
+
+
+def read_yaml(path: Path) -> dict:
+    """A config file, or an error naming the file, line and column of a YAML mistake."""
+    import yaml
+
+    path = Path(path)
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}: not valid YAML: {where}{problem}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: a config file holds keys at its top level, not a {type(loaded).__name__}")
+    return loaded
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("check-config", help="check config files as the workflow will (YAML, schema, references)",
+                              description=__doc__)
+    p.add_argument("configs", nargs="*", type=Path, metavar="FILE",
+                   help="config files given to snakemake with --configfile, in their order (on top of config/config.yaml)")
+    p.add_argument("--workdir", type=Path, default=Path("."),
+                   help="the workflow's working directory, holding config/config.yaml (default: .)")
+    p.set_defaults(func=_run)
+
+
+def with_defaults(config: dict, schema: dict) -> dict:
+    """The config validated and completed as Snakemake's validate(set_default=True) leaves it; a
+    schema error names the key (`train.lr_scheduler: 3 is not of type 'string'`)."""
+    import copy
+
+    from jsonschema import Draft202012Validator, ValidationError
+    from jsonschema.validators import extend
+
+    def set_defaults(validator, properties, instance, sub_schema):
+        for name, sub in properties.items():
+            if isinstance(instance, dict) and "default" in sub:
+                instance.setdefault(name, copy.deepcopy(sub["default"]))
+        yield from Draft202012Validator.VALIDATORS["properties"](validator, properties, instance, sub_schema)
+
+    config = copy.deepcopy(config)
+    try:
+        extend(Draft202012Validator, {"properties": set_defaults})(schema).validate(config)
+    except ValidationError as exc:
+        key = ".".join(str(p) for p in exc.absolute_path) or "(top level)"
+        raise ConfigError(f"{key}: {exc.message}") from None
+    return config
+
+
+def _run(args) -> int:
+    import yaml
+    from snakemake.utils import update_config
+
+    from imatch.errors import InputError
+
+    schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml").read_text())
+    config: dict = {}
+    files = [args.workdir / "config" / "config.yaml", *args.configs]
+    try:
+        for path in files:
+            update_config(config, read_yaml(path))  # Snakemake's merge: later files win, key by key
+        check(with_defaults(config, schema), schema, args.workdir)
+    except ConfigError as exc:
+        raise InputError(" + ".join(map(str, files)), str(exc)) from None
+    except OSError as exc:
+        raise InputError(exc.filename or files[0], exc.strerror or str(exc)) from None
+    print(f"config ok: {' + '.join(map(str, files))}")
+    return 0

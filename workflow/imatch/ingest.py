@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
+from filelock import FileLock, Timeout
 from PIL import Image
 from tqdm import tqdm
 
@@ -210,7 +211,7 @@ def _eval_elements(rec: dict, row: dict, eval_path: Path, label: str) -> tuple[f
         parts = split_element_key(key)
         tag = next((t for t in TEMPLATE_TAGS if t in key), None)
         if tag:
-            raise InputError(path, f"element key {key!r} holds {tag!r}, which ms-swift's templates read as a tag",
+            raise InputError(eval_path, f"element key {key!r} holds {tag!r}, which ms-swift's templates read as a tag",
                              label)
         if parts is None:
             raise InputError(eval_path, f"element key {key!r} has no ' (<category>)' suffix", label)
@@ -262,6 +263,26 @@ def _parts_signature(parts: list[Path]) -> list:
     return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in parts]
 
 
+def _unpacked_damage(unpacked: Path, signature: list) -> list[str] | None:
+    """None when `unpacked` holds exactly what the zip parts of `signature` unpacked to; else the
+    member files missing or of another size (empty when the parts changed or nothing is unpacked)."""
+    stamp = unpacked / UNPACK_STAMP
+    try:
+        recorded = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(recorded, dict) or recorded.get("parts") != signature:
+        return []
+    damaged = []
+    for name, size in recorded["files"].items():
+        try:
+            if (unpacked / name).stat().st_size != size:
+                damaged.append(name)
+        except OSError:
+            damaged.append(name)
+    return damaged or None
+
+
 def resolve_images(source: Path, out: Path) -> Path:
     """Folder that `img_path`s are relative to: source/images, or the unpacked split zip."""
     folder = source / "images"
@@ -271,16 +292,18 @@ def resolve_images(source: Path, out: Path) -> Path:
     if not parts:
         raise InputError(source, "no images: expected an images/ folder, images.zip.part-* or images.zip")
     unpacked = out / "unpacked"
-    stamp = unpacked / UNPACK_STAMP
     signature = _parts_signature(parts)
-    if stamp.is_file() and json.loads(stamp.read_text()) == signature:
-        print(f"images already unpacked in {unpacked} (parts unchanged)")
+    if (damaged := _unpacked_damage(unpacked, signature)) is None:
+        print(f"images already unpacked in {unpacked} (parts unchanged, every file present)")
     else:
+        if damaged:  # a purged scratch cache is the cache's fault, not the data set's
+            print(f"{len(damaged)} unpacked files missing or changed in {unpacked} (first: {damaged[0]}): "
+                  "unpacking again")
         label = f"{parts[0].parent}/{{{','.join(p.name for p in parts)}}}"
         with atomic_path(unpacked, directory=True) as tmp:
-            n = safe_extract(parts, tmp, label=label)
-            (tmp / UNPACK_STAMP).write_text(json.dumps(signature))
-        print(f"unpacked {n} files from {len(parts)} zip parts into {unpacked}")
+            files = safe_extract(parts, tmp, label=label)
+            (tmp / UNPACK_STAMP).write_text(json.dumps({"parts": signature, "files": files}))
+        print(f"unpacked {len(files)} files from {len(parts)} zip parts into {unpacked}")
     return (unpacked / "images" if (unpacked / "images").is_dir() else unpacked).resolve()
 
 
@@ -332,7 +355,22 @@ def holdout_prompts(prompt_ids, fraction: float, seed: int) -> set[str]:
     return set(np.asarray(ids, dtype=object)[rng.permutation(len(ids))[:n]].tolist())
 
 
-def ingest(
+def ingest(source: Path, out: Path, **options) -> dict:
+    """Ingest SOURCE into OUT (see `_ingest`), one run at a time per OUT: a second run while one is
+    unpacking would see images vanish under it and blame the data set. The lock lies beside OUT (a
+    hidden file), so a refused run leaves no OUT behind."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(out.parent / f".{out.name}.imatch-ingest.lock", timeout=0)
+    try:
+        with lock:
+            return _ingest(source, out, **options)
+    except Timeout:
+        raise InputError(out, f"another `imatch ingest` is writing this folder (it holds {lock.lock_file}); "
+                              "wait for it to finish") from None
+
+
+def _ingest(
     source: Path,
     out: Path,
     *,
@@ -462,6 +500,8 @@ def _run(args) -> int:
         final_test=_optional_file(args.source, args.final_test, "final_test.json", args.no_final_test),
         skip_bad_records=args.skip_bad_records,
     )
+    # the artifacts in --out (other stages write beside them, e.g. ground_truth/; unpacked/ is a cache)
+    args.artifacts = [args.out / name for name in ("samples.parquet", "elements.parquet", "ingest_summary.json")]
     print(json.dumps({k: summary[k] for k in ("samples", "labelled", "elements")}))
     if summary["skipped"]:
         print(f"skipped {len(summary['skipped'])} bad records (listed in {args.out / 'ingest_summary.json'}):", file=sys.stderr)

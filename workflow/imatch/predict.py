@@ -84,7 +84,7 @@ def _max_tiles(record: dict) -> int | None:
 def _score(models, table: pd.DataFrame, task: str, device: str, dtype: str, batch_size: int) -> np.ndarray:
     import os
 
-    from imatch.score import load, score_table
+    from imatch.score import ScoringError, load, score_table
 
     expected = []
     for folder, record in models:
@@ -95,7 +95,11 @@ def _score(models, table: pd.DataFrame, task: str, device: str, dtype: str, batc
             os.environ["MAX_PIXELS"] = str(max_pixels)
         model, processor, template = load(folder, arch, device=device, dtype=dtype, base=Path(record["base_model"]),
                                           max_pixels=max_pixels, max_tiles=_max_tiles(record))
-        out = score_table(table, model, processor, template, task=task, batch_size=batch_size, tau=levels.DEFAULT_TAU)
+        try:
+            out = score_table(table, model, processor, template, task=task, batch_size=batch_size,
+                              tau=levels.DEFAULT_TAU)
+        except ScoringError as exc:  # a diverged model: named, nothing written
+            raise InputError(folder, f"scoring {task} queries: {exc}") from None
         expected.append(out["expected_level"].to_numpy())
     return np.mean(expected, axis=0)
 
@@ -161,5 +165,6 @@ def add_parser(subparsers) -> None:
 def _run(args) -> int:
     result = score_new(args.images, args.prompts, args.models, args.out, device=args.device, dtype=args.dtype,
                        batch_size=args.batch_size, tau=args.tau)
+    args.artifacts = [args.out]  # --images is the user's input: nothing is written beside it
     print(result.to_string(index=False))
     return 0

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from imatch import archs, attention, integrity, levels
+from imatch import archs, attention, integrity, levels, swift_log  # noqa: F401  (swift_log: a true log about remote code)
 from imatch.atomic import write_parquet
 from imatch.devices import check_gpus
 from imatch.errors import InputError

@@ -24,11 +24,12 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from imatch import archs, attention, integrity, steptimer
+from imatch import archs, attention, integrity, steptimer, swift_log
 from imatch.atomic import atomic_path
 from imatch.devices import check_gpus
 from imatch.download import sha256_file
 from imatch.errors import InputError
+from imatch.lengths import check_lengths
 
 PACKAGES = ["ms-swift", "transformers", "torch", "peft", "accelerate", "imatch"]
 # checkpoint files that are training state, not the model
@@ -85,7 +86,7 @@ def swift_command(args, arch: archs.Arch, output_dir: Path, resume: Path | None)
         "--report_to", "none", "--dataloader_num_workers", str(args.workers), "--dataset_num_proc", "1",
         *recipe_flags(args),
     ]
-    plugins, callbacks = [arch.plugin] if arch.plugin else [], []
+    plugins, callbacks = [swift_log.__file__, *([arch.plugin] if arch.plugin else [])], []
     if args.varlen:  # the vision tower's attention windows in one kernel (imatch.attention)
         plugins.append(attention.__file__)
         callbacks.append(attention.NAME)
@@ -224,6 +225,10 @@ def train(args) -> dict:
         data_hash.append(sha256_file(Path(dataset)))
         n_rows += rows
     integrity.verify(args.model)  # the backbone, before swift loads it
+    # a query over --max_length would stop swift at the step that first draws it, the record unnamed
+    longest = check_lengths(args.dataset, arch, args.model, max_length=args.max_length,
+                            max_pixels=args.max_pixels, max_tiles=args.max_tiles)
+    print(f"longest query: {longest} tokens (max_length {args.max_length})")
     tiles = arch.tiles_environment(args.max_tiles)  # env: ms-swift's templates read the tile budget there
     fingerprint = {"command": swift_command(args, arch, args.scratch, None), "data_sha256": data_hash,
                    "tiles": tiles}

@@ -81,14 +81,14 @@ def _check_member(info: zipfile.ZipInfo, archive: str) -> PurePosixPath:
     return name
 
 
-def safe_extract(parts: list[Path], dest: Path, *, label: str) -> int:
-    """Unpack the split zip `parts` into `dest`; return the number of files written."""
+def safe_extract(parts: list[Path], dest: Path, *, label: str) -> dict[str, int]:
+    """Unpack the split zip `parts` into `dest`; return the size of each file written, by member name."""
     try:
         handle = PartsFile(parts)
         archive = zipfile.ZipFile(io.BufferedReader(handle, buffer_size=1 << 20))
     except zipfile.BadZipFile as exc:
         raise InputError(label, f"not a readable zip archive ({exc})") from None
-    count = 0
+    written = {}
     with archive:
         members = archive.infolist()
         dest_resolved = dest.resolve()
@@ -107,5 +107,5 @@ def safe_extract(parts: list[Path], dest: Path, *, label: str) -> int:
                         out.write(block)
             except (zipfile.BadZipFile, EOFError) as exc:
                 raise InputError(label, f"corrupt archive member ({exc})", f"member {info.filename!r}") from None
-            count += 1
-    return count
+            written[name.as_posix()] = info.file_size
+    return written

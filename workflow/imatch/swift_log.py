@@ -1,0 +1,46 @@
+"""ms-swift plug-in: its log says what happens about remote code.
+
+ms-swift reads every model's config with `trust_remote_code=True` and warns "Loading model from
+DIR with trust_remote_code=True. This will execute custom Python code shipped in the model
+repository" for each. The workflow's backbones are native transformers classes: their config.json
+names no custom code (`auto_map`), so nothing remote can run, and the warning made every log claim
+otherwise. This filter replaces it, for such folders only, by what happens; a folder that does ship
+code keeps ms-swift's warning. Loaded by `imatch train` (`--external_plugins`) and `imatch score-set`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+CLAIM = re.compile(r"Loading model from '(?P<dir>[^']+)' with trust_remote_code=True\.")
+
+
+def ships_code(model_dir: str) -> bool:
+    """Whether the folder's config.json points transformers at code of its own (`auto_map`)."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return True  # unknown: keep the warning
+    return bool(config.get("auto_map"))
+
+
+class RemoteCodeTruth(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        found = CLAIM.match(record.getMessage())
+        if found and not ships_code(found["dir"]):
+            record.msg, record.args = (f"Reading the config of {found['dir']!r}: it names no custom code "
+                                       "(no auto_map in config.json), so no remote code runs"), ()
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def install() -> None:
+    logger = logging.getLogger("swift")
+    if not any(isinstance(f, RemoteCodeTruth) for f in logger.filters):
+        logger.addFilter(RemoteCodeTruth())
+
+
+install()
