@@ -154,6 +154,11 @@ def write_set(table: pd.DataFrame, out: Path, jsonl: Path, settings: dict) -> No
     write_json({"settings": settings, "counts": counts}, Path(f"{out}.json"))
 
 
+def _levels_source(value: str):
+    """'ground-truth', or a table: a path, so that provenance records it as an input."""
+    return value if value == GROUND_TRUTH else Path(value)
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("instructions", help="build one instruction set (parquet + ms-swift jsonl)",
                               description=__doc__)
@@ -165,7 +170,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--jsonl", type=Path, required=True, help="ms-swift jsonl to write (same rows, same order)")
     p.add_argument("--metadata", nargs="*", default=[], choices=sorted(prompts.METADATA_FIELDS),
                    help="metadata fields shown in the query (Fig. 2)")
-    p.add_argument("--element-levels", help=f"overall task: list element levels in the query, from "
+    p.add_argument("--element-levels", type=_levels_source, help=f"overall task: list element levels in the query, from "
                    f"'{GROUND_TRUTH}' (Eq. 4 of the labels) or a parquet of img_path, element, level")
     p.add_argument("--prompt-type", action="store_true", help="element task: state real/synthetic (Sec. 3.3.1)")
     p.add_argument("--augmented", type=Path, help="augmented.parquet from `imatch augment` (training only)")

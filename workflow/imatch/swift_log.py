@@ -2,7 +2,8 @@
 
 ms-swift reads every model's config with `trust_remote_code=True` and warns "Loading model from
 DIR with trust_remote_code=True. This will execute custom Python code shipped in the model
-repository" for each. The workflow's backbones are native transformers classes: their config.json
+repository" for each (and "Loading config / tokenizer/processor from DIR ..." for the loaders that
+default to remote code, as Qwen2.5-VL's). The workflow's backbones are native transformers classes: their config.json
 names no custom code (`auto_map`), so nothing remote can run, and the warning made every log claim
 otherwise. This filter replaces it, for such folders only, by what happens; a folder that does ship
 code keeps ms-swift's warning. Loaded by `imatch train` (`--external_plugins`) and `imatch score-set`.
@@ -15,7 +16,8 @@ import logging
 import re
 from pathlib import Path
 
-CLAIM = re.compile(r"Loading model from '(?P<dir>[^']+)' with trust_remote_code=True\.")
+CLAIM = re.compile(r"Loading (?P<what>model|config|tokenizer/processor) from '(?P<dir>[^']+)' "
+                   r"with trust_remote_code=True\.")
 
 
 def ships_code(model_dir: str) -> bool:
@@ -31,8 +33,8 @@ class RemoteCodeTruth(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         found = CLAIM.match(record.getMessage())
         if found and not ships_code(found["dir"]):
-            record.msg, record.args = (f"Reading the config of {found['dir']!r}: it names no custom code "
-                                       "(no auto_map in config.json), so no remote code runs"), ()
+            record.msg, record.args = (f"Loading the {found['what']} of {found['dir']!r}: its config.json names no "
+                                       "custom code (no auto_map), so no remote code runs"), ()
             record.levelno, record.levelname = logging.INFO, "INFO"
         return True
 
