@@ -105,26 +105,67 @@ def test_ensemble_controls_submission_and_report(workflow):
         assert (wd / "results" / "report" / name).stat().st_size > 1000
 
 
-def test_score_new_images_with_the_trained_ensemble(workflow, tmp_path):
+def test_the_exported_ensemble_scores_like_the_workflow_from_anywhere(workflow, tmp_path, monkeypatch):
+    """The bundle the workflow exports, copied elsewhere and read from another working directory
+    (the API, the CLI, and the CLI on the results folder in place) gives the workflow's own test
+    predictions for the same queries: totals and element levels within float32 noise, every hit.
+    Before: `imatch score` read the query settings from relative dataset paths and silently
+    scored without them when run from elsewhere (3.6219 vs 3.5836 for one image)."""
     wd, _ = workflow
+    bundle = tmp_path / "copied" / "ens"
+    shutil.copytree(wd / "results" / "bundle", bundle)  # moved to another machine, in effect
+    described = json.loads((bundle / "bundle.json").read_text())
+    assert sorted(described["models"]) == sorted(f"{b}/{t}-r2" for b in ("tiny-internvl", "tiny-qwen2_5_vl", "tiny-ovis2")
+                                                 for t in ("overall", "element"))
     samples = pd.read_parquet(wd / "results" / "data" / "samples.parquet")
-    test = samples[samples["split"] == "test"].head(3)
-    images = tmp_path / "images"
+    elements = pd.read_parquet(wd / "results" / "data" / "elements.parquet")
+    test = samples[samples["split"] == "test"].reset_index(drop=True)
+    keys = [elements.loc[elements["img_path"] == p, "element"].tolist() for p in test["img_path"]]
+    metadata = {f: [None if pd.isna(v) else float(v) for v in test[f]]
+                for f in ("prompt_meaningless", "split_confidence", "attribute_confidence")}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    from imatch import Scorer
+
+    api = Scorer(bundle, device="auto")(images=list(test["image"]), prompts=list(test["prompt"]), elements=keys,
+                                         prompt_types=list(test["prompt_type"]), metadata=metadata)
+    pred = pd.read_parquet(wd / "results" / "predictions" / "ensemble" / "test" / "predictions.parquet").set_index("img_path")
+    assert np.allclose(api["total_score"], pred.loc[test["img_path"], "total_score"], atol=1e-5, rtol=0)
+    epred = pd.read_parquet(wd / "results" / "predictions" / "ensemble" / "test" / "element_predictions.parquet")
+    mine = pd.DataFrame([{"img_path": p, **e} for p, row in zip(test["img_path"], api["elements"]) for e in row])
+    joined = epred.merge(mine, on=["img_path", "element"], validate="one_to_one", suffixes=("", "_api"))
+    assert len(joined) == len(epred) == len(mine) > 0
+    assert np.allclose(joined["expected_level"], joined["expected_level_api"], atol=1e-5, rtol=0)
+    assert (joined["score"].astype(bool) == joined["hit"]).all()
+
+    # the CLI: a CSV with the user's own columns, images in a folder, into an --out with a stale file
+    images = elsewhere / "imgs"
     images.mkdir()
-    rows = []
-    for i, r in enumerate(test.itertuples()):
-        shutil.copy(r.image, images / f"img{i}.png")
-        rows.append({"image": f"img{i}.png", "prompt": r.prompt, "elements": "red (color); circle (object)"})
-    pd.DataFrame(rows).to_csv(tmp_path / "prompts.csv", index=False)
-    proc = subprocess.run([sys.executable, "-m", "imatch", "score", "--images", str(images), "--prompts",
-                           str(tmp_path / "prompts.csv"), "--models", str(wd / "results"), "--out", str(tmp_path / "out")],
-                          capture_output=True, text=True, cwd=wd, env={**os.environ, "PYTHONPATH": str(wd / "workflow")})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    scores = pd.read_csv(tmp_path / "out" / "scores.csv")
-    assert list(scores["img_path"]) == ["img0.png", "img1.png", "img2.png"] and scores["total_score"].between(1, 5).all()
-    elements = pd.read_csv(tmp_path / "out" / "elements.csv")
-    assert len(elements) == 6 and elements["expected_level"].between(1, 7).all()
-    assert "img0.png" in (tmp_path / "out" / "summary.html").read_text()
+    for i, path in enumerate(test["image"]):
+        shutil.copy(path, images / f"gen{i}.png")
+    table = pd.DataFrame({"image": [f"gen{i}.png" for i in range(len(test))], "prompt": test["prompt"],
+                          "elements": ["; ".join(k) for k in keys], "prompt_type": test["prompt_type"],
+                          **{f: v for f, v in metadata.items()}, "seed": range(len(test), 0, -1)})
+    table.to_csv(elsewhere / "prompts.csv", index=False)
+    env = {**os.environ, "PYTHONPATH": str(wd / "workflow")}
+    for source, out in ((bundle, elsewhere / "out"), (wd / "results", elsewhere / "out-results")):
+        out.mkdir()
+        (out / "element_levels.parquet").write_text("stale")  # a file of an earlier run
+        proc = subprocess.run([sys.executable, "-m", "imatch", "score", "--images", "imgs", "--prompts", "prompts.csv",
+                               "--models", str(source), "--out", out.name], capture_output=True, text=True,
+                              cwd=elsewhere, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "Loading model from" not in proc.stderr  # quiet by default
+        assert sorted(p.name for p in out.iterdir()) == ["elements.csv", "scores.csv", "summary.html"]
+        scores = pd.read_csv(out / "scores.csv")
+        assert list(scores["seed"]) == list(table["seed"]) and list(scores["image"]) == list(table["image"])
+        assert np.allclose(scores["total_score"], api["total_score"], atol=1e-6, rtol=0), source
+        els = pd.read_csv(out / "elements.csv")
+        assert len(els) == len(mine) and (els["hit"].to_numpy() == mine["hit"].to_numpy()).all()
+        page = (out / "summary.html").read_text()
+        assert "gen0.png" in page and "data:image/jpeg;base64," in page and "file://" not in page
+    assert not list(images.parent.glob("imgs.prov.json"))  # nothing written beside the user's images
 
 
 def test_second_run_has_nothing_to_do(workflow):

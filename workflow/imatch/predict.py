@@ -1,170 +1,151 @@
 """`imatch score`: score new image-prompt pairs with a trained ensemble, as a T2I team would.
 
-Input: a folder of images and a prompts file (CSV or JSON records with `image`, `prompt` and
-optionally `elements`, a list of element keys like "red car (object)" or a `;`-separated string).
-The models are the final-round overall and element models found in a results folder. As in the
-workflow (Eq. 9-10): the element models rate each listed element, their mean expected level is
-stated in the overall query, the overall models give the total score; everything is averaged over
-models. Output: a table (`scores.csv`: total score per image, hit and expected level per element)
-and a short HTML summary with the images.
+Input: a folder of images and a prompts file (CSV, JSON records or JSONL) with the columns `image`
+(a file name in the folder) and `prompt`, and optionally `elements` (element keys like
+"red car (object)", a list or a `;`-separated string; blank: none), `prompt_type` (real /
+synthetic) and the query metadata the models were trained with (`prompt_meaningless`,
+`split_confidence`, `attribute_confidence`; blank: unknown). One image may appear in several rows
+with other prompts. Every row is checked (images decoded, prompts non-empty, element keys well
+formed) before a model loads. The models: a bundle (`imatch export`) or a results folder.
+
+Output, written only into --out (replaced as a whole): `scores.csv` (the input's columns in its
+order, plus `total_score`), `elements.csv` (one row per input row and element: expected level,
+hit) and `summary.html` (self-contained: thumbnails embedded, sortable). The scoring is
+`imatch.Scorer`'s, also usable from Python.
 """
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from imatch import archs, levels
-from imatch.atomic import write_text
+from imatch import prompts as prompt_text
+from imatch.atomic import atomic_path
 from imatch.errors import InputError
-from imatch.ingest import split_element_key
-from imatch.instructions import build_element, build_overall
+
+READERS = {".csv": lambda p: pd.read_csv(p, keep_default_na=False, na_values=[""]),
+           ".json": lambda p: pd.read_json(p, orient="records", dtype=False),
+           ".jsonl": lambda p: pd.read_json(p, lines=True, dtype=False)}
 
 
-def read_prompts(path: Path, images: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    table = pd.read_json(path) if path.suffix == ".json" else pd.read_csv(path)
+def read_prompts(path: Path) -> pd.DataFrame:
+    """The prompts table, or an error naming the file: unknown format, empty, missing columns."""
+    path = Path(path)
+    if path.suffix.lower() not in READERS:
+        raise InputError(path, f"prompts must be {', '.join(READERS)}, not {path.suffix or 'a file without suffix'}")
+    if not path.is_file():
+        raise InputError(path, "prompts file not found")
+    try:
+        table = READERS[path.suffix.lower()](path)
+    except (ValueError, pd.errors.EmptyDataError, pd.errors.ParserError) as exc:
+        raise InputError(path, f"not readable as {path.suffix.lower()[1:].upper()}: {str(exc).splitlines()[0]}") from None
     for column in ("image", "prompt"):
         if column not in table:
-            raise InputError(path, f"missing column {column!r}")
-    samples, elements = [], []
-    for i, row in table.iterrows():
-        image = images / str(row["image"])
-        if not image.is_file():
-            raise InputError(path, f"image not found: {image}", f"row {i}")
-        samples.append({"img_path": str(row["image"]), "prompt_id": str(i), "prompt": row["prompt"],
-                        "prompt_type": row.get("prompt_type", "real"), "split": "test", "total_score": np.nan,
-                        "prompt_meaningless": np.nan, "split_confidence": np.nan, "attribute_confidence": np.nan,
-                        "image": str(image.resolve())})
-        keys = row.get("elements", [])
-        keys = [k.strip() for k in keys.split(";")] if isinstance(keys, str) else list(keys if keys is not None else [])
-        for key in filter(None, keys):
-            parts = split_element_key(key)
-            if parts is None:
-                raise InputError(path, f"element {key!r} has no ' (<category>)' suffix", f"row {i}")
-            elements.append({"img_path": str(row["image"]), "element": key, "phrase": parts[0], "category": parts[1],
-                             "score": np.nan})
-    return pd.DataFrame(samples), pd.DataFrame(elements, columns=["img_path", "element", "phrase", "category", "score"])
+            raise InputError(path, f"missing column {column!r} (columns: {list(table.columns)})")
+    if table.empty:
+        raise InputError(path, "no rows to score")
+    return table.reset_index(drop=True)
 
 
-def find_models(results: Path) -> dict[str, list[tuple[Path, dict]]]:
-    """Final-round models per task: {task: [(folder, training record)]}."""
-    found: dict[str, list] = {"overall": [], "element": []}
-    for task in found:
-        folders = sorted(f for f in results.glob(f"models/*/{task}-r*") if f.is_dir())  # not the .prov.json
-        final = max((int(f.name.rsplit("-r", 1)[1]) for f in folders), default=None)
-        for folder in folders:
-            if int(folder.name.rsplit("-r", 1)[1]) == final and (folder / "training.json").is_file():
-                found[task].append((folder, json.loads((folder / "training.json").read_text())))
-    if not found["overall"]:
-        raise InputError(results, "no trained overall models under models/*/overall-r*")
-    return found
+def score_files(images: Path, prompts: Path, models: Path, *, device: str = "auto", dtype: str | None = None,
+                batch_size: int = 8, verbose: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(scores, elements) of a prompts file; the inputs are checked before the models load."""
+    from imatch.scorer import Scorer, check_inputs
+
+    table = read_prompts(prompts)
+    paths = [Path(images) / str(name) for name in table["image"]]
+    metadata = {f: [None if pd.isna(v) else v for v in table[f]] for f in prompt_text.METADATA_FIELDS if f in table}
+    types = [v if isinstance(v, str) and v else "real" for v in table["prompt_type"]] if "prompt_type" in table else None
+    samples, element_rows = check_inputs(paths, table["prompt"].tolist(),
+                                         table["elements"].tolist() if "elements" in table else None,
+                                         prompt_types=types, metadata=metadata, label=str(prompts))
+    scorer = Scorer(models, device=device, dtype=dtype, batch_size=batch_size, verbose=verbose)
+    result = scorer.score(samples, element_rows, images=paths)
+    scores = table.copy()
+    scores["total_score"] = result["total_score"].to_numpy()
+    elements = pd.DataFrame([{"row": i, "image": table["image"][i], "element": e["element"],
+                              "expected_level": e["expected_level"], "hit": e["hit"]}
+                             for i, els in enumerate(result["elements"]) for e in els],
+                            columns=["row", "image", "element", "expected_level", "hit"])
+    return scores, elements
 
 
-def _settings(record: dict) -> dict:
-    """Query settings the model was trained with, read back from its training set's record."""
-    sidecar = Path(record["dataset"][0] if isinstance(record["dataset"], list) else record["dataset"])
-    sidecar = sidecar.with_suffix(".parquet.json")
-    return json.loads(sidecar.read_text())["settings"] if sidecar.is_file() else {}
+def _thumbnail(path: Path) -> str:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        im.thumbnail((192, 192))
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _max_pixels(record: dict) -> int | None:
-    cmd = record.get("swift_command", [])
-    return int(cmd[cmd.index("--max_pixels") + 1]) if "--max_pixels" in cmd else None
+SORT_SCRIPT = """
+for (const th of document.querySelectorAll('th[data-sort]')) th.addEventListener('click', () => {
+  const body = th.closest('table').tBodies[0], i = th.cellIndex, num = th.dataset.sort === 'num';
+  const dir = th.dataset.dir = th.dataset.dir === 'asc' ? 'desc' : 'asc';
+  const key = r => num ? parseFloat(r.cells[i].dataset.value) : r.cells[i].textContent;
+  [...body.rows].sort((a, b) => (key(a) > key(b) ? 1 : key(a) < key(b) ? -1 : 0) * (dir === 'asc' ? 1 : -1))
+    .forEach(r => body.appendChild(r));
+});"""
 
 
-def _max_tiles(record: dict) -> int | None:
-    """The tile budget the model was trained with (None: the architecture's default)."""
-    return (record.get("image_budget") or {}).get("max_tiles")
-
-
-def _score(models, table: pd.DataFrame, task: str, device: str, dtype: str, batch_size: int) -> np.ndarray:
-    import os
-
-    from imatch.score import ScoringError, load, score_table
-
-    expected = []
-    for folder, record in models:
-        arch = archs.get(record["arch"])
-        max_pixels = _max_pixels(record)  # the image budget the model was trained with
-        os.environ.update(arch.env)
-        if max_pixels:
-            os.environ["MAX_PIXELS"] = str(max_pixels)
-        model, processor, template = load(folder, arch, device=device, dtype=dtype, base=Path(record["base_model"]),
-                                          max_pixels=max_pixels, max_tiles=_max_tiles(record))
-        try:
-            out = score_table(table, model, processor, template, task=task, batch_size=batch_size,
-                              tau=levels.DEFAULT_TAU)
-        except ScoringError as exc:  # a diverged model: named, nothing written
-            raise InputError(folder, f"scoring {task} queries: {exc}") from None
-        expected.append(out["expected_level"].to_numpy())
-    return np.mean(expected, axis=0)
-
-
-def score_new(images: Path, prompts: Path, results: Path, out: Path, *, device: str, dtype: str, batch_size: int,
-              tau: float) -> pd.DataFrame:
-    samples, elements = read_prompts(prompts, images)
-    models = find_models(results)
-    el_rows = pd.DataFrame()
-    levels_table = None
-    if len(elements) and models["element"]:
-        settings = _settings(models["element"][0][1])
-        el_q = build_element(samples, elements, "test", metadata=settings.get("metadata", []),
-                             prompt_type=settings.get("prompt_type", False))
-        el_q["expected_level"] = _score(models["element"], el_q, "element", device, dtype, batch_size)
-        el_q["hit"] = levels.is_hit(el_q["expected_level"], tau)
-        el_rows = el_q[["img_path", "element", "expected_level", "hit"]]
-        levels_table = out / "element_levels.parquet"
-        out.mkdir(parents=True, exist_ok=True)
-        el_rows.assign(level=np.clip(levels.round_half_up(el_rows["expected_level"]), 1, 7))[
-            ["img_path", "element", "level"]].to_parquet(levels_table)
-    settings = _settings(models["overall"][0][1])
-    use_levels = settings.get("element_levels") is not None and levels_table is not None
-    ov_q = build_overall(samples, elements, "test", metadata=settings.get("metadata", []),
-                         element_levels=str(levels_table) if use_levels else None)
-    ov_q["total_score"] = levels.level_to_total(_score(models["overall"], ov_q, "overall", device, dtype, batch_size))
-    result = samples[["img_path", "prompt"]].merge(ov_q[["img_path", "total_score"]], on="img_path")
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(result.to_csv(index=False), out / "scores.csv")
-    if len(el_rows):
-        write_text(el_rows.to_csv(index=False), out / "elements.csv")
-    write_text(_html(result, el_rows, images), out / "summary.html")
-    return result
-
-
-def _html(result: pd.DataFrame, el_rows: pd.DataFrame, images: Path) -> str:
+def summary_html(scores: pd.DataFrame, elements: pd.DataFrame, images: Path) -> str:
+    """One self-contained page: thumbnails embedded, file names, scores, element hits; sortable."""
     rows = []
-    for r in result.sort_values("total_score", ascending=False).itertuples():
-        els = el_rows[el_rows["img_path"] == r.img_path] if len(el_rows) else el_rows
-        items = "".join(f"<li>{'&#10003;' if e.hit else '&#10007;'} {html.escape(e.element)} "
-                        f"(level {e.expected_level:.1f})</li>" for e in els.itertuples())
-        rows.append(f"<tr><td><img src='{(images / r.img_path).resolve().as_uri()}' width=160></td>"
-                    f"<td>{html.escape(r.prompt)}</td><td><b>{r.total_score:.2f}</b> / 5</td><td><ul>{items}</ul></td></tr>")
-    return ("<html><head><meta charset='utf-8'><title>imatch scores</title></head><body>"
-            "<h1>Image-text alignment (imatch ensemble)</h1><table border=1 cellpadding=4>"
-            "<tr><th>image</th><th>prompt</th><th>alignment</th><th>elements</th></tr>"
-            + "".join(rows) + "</table></body></html>\n")
+    by_row = {i: g for i, g in elements.groupby("row")} if len(elements) else {}
+    for i, r in scores.iterrows():
+        els = by_row.get(i)
+        items = "".join(f"<li class='{'hit' if e.hit else 'miss'}'>{'&#10003;' if e.hit else '&#10007;'} "
+                        f"{html.escape(e.element)} <small>(level {e.expected_level:.2f})</small></li>"
+                        for e in els.itertuples()) if els is not None else ""
+        hits = f"{int(els['hit'].sum())}/{len(els)}" if els is not None else ""
+        rows.append(f"<tr><td data-value='{i}'>{i}</td>"
+                    f"<td><img alt='{html.escape(str(r['image']))}' src='{_thumbnail(Path(images) / str(r['image']))}'></td>"
+                    f"<td>{html.escape(str(r['image']))}</td><td>{html.escape(str(r['prompt']))}</td>"
+                    f"<td data-value='{r['total_score']:.6f}'><b>{r['total_score']:.2f}</b></td>"
+                    f"<td data-value='{els['hit'].mean() if els is not None else -1}'>{hits}<ul>{items}</ul></td></tr>")
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>imatch scores</title><style>"
+            "body{font-family:sans-serif} table{border-collapse:collapse} td,th{border:1px solid #ccc;padding:4px;"
+            "vertical-align:top} th[data-sort]{cursor:pointer} .hit{color:#060} .miss{color:#a00} ul{margin:0}"
+            "</style></head><body><h1>Image-text alignment (imatch ensemble)</h1>"
+            "<p>Total score: 1 (no match) to 5 (perfect match), the ensemble's expected score. Elements: "
+            "&#10003; present (expected level above tau), &#10007; not. Click a column header to sort.</p>"
+            "<table><thead><tr><th data-sort='num'>row</th><th>image</th><th data-sort='text'>file</th>"
+            "<th data-sort='text'>prompt</th><th data-sort='num'>total score</th><th data-sort='num'>elements</th>"
+            "</tr></thead><tbody>" + "".join(rows) + f"</tbody></table><script>{SORT_SCRIPT}</script></body></html>\n")
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("score", help="score new image-prompt pairs with a trained ensemble", description=__doc__)
-    p.add_argument("--images", type=Path, required=True, help="folder of images")
-    p.add_argument("--prompts", type=Path, required=True, help="CSV or JSON: image, prompt[, elements, prompt_type]")
-    p.add_argument("--models", type=Path, required=True, help="a results folder of the workflow (models/*/*-r*)")
-    p.add_argument("--out", type=Path, required=True, help="folder for scores.csv, elements.csv, summary.html")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="float32")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--tau", type=float, default=levels.DEFAULT_TAU)
+    p.add_argument("--images", type=Path, required=True, help="folder the prompts file's `image` names are in")
+    p.add_argument("--prompts", type=Path, required=True,
+                   help="CSV, JSON or JSONL: image, prompt[, elements, prompt_type, metadata columns]")
+    p.add_argument("--models", type=Path, required=True,
+                   help="a bundle from `imatch export`, or a results folder of the workflow")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder for scores.csv, elements.csv, summary.html (replaced as a whole)")
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:N (default: auto)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                   help="model precision (default: bfloat16 on a GPU, float32 on the CPU)")
+    p.add_argument("--batch-size", type=int, default=8, help="queries per forward pass (default: %(default)s)")
+    p.add_argument("-v", "--verbose", action="store_true", help="show ms-swift's and transformers' logs")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
-    result = score_new(args.images, args.prompts, args.models, args.out, device=args.device, dtype=args.dtype,
-                       batch_size=args.batch_size, tau=args.tau)
+    scores, elements = score_files(args.images, args.prompts, args.models, device=args.device, dtype=args.dtype,
+                                   batch_size=args.batch_size, verbose=args.verbose)
+    with atomic_path(args.out, directory=True) as tmp:  # no file of an earlier run survives
+        scores.to_csv(tmp / "scores.csv", index=False)
+        elements.to_csv(tmp / "elements.csv", index=False)
+        (tmp / "summary.html").write_text(summary_html(scores, elements, args.images), encoding="utf-8")
     args.artifacts = [args.out]  # --images is the user's input: nothing is written beside it
-    print(result.to_string(index=False))
+    print(json.dumps({"images": len(scores), "elements": len(elements), "out": str(args.out)}))
     return 0

@@ -138,6 +138,10 @@ def all_targets():
     targets.append(
         f"{RESULTS}/predictions/{sub['predictor']}/{sub['split']}/submission.zip"
     )
+    if sub["predictor"] not in BASELINES and not sub["predictor"].startswith("blank-"):
+        targets.append(
+            f"{RESULTS}/bundle"
+        )  # the submitted models, portable (imatch export)
     return targets + ablation_targets()
 
 
