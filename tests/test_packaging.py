@@ -25,6 +25,14 @@ def test_every_command_has_help(command):
     assert proc.returncode == 0 and "usage: imatch " + command in proc.stdout
 
 
+@pytest.mark.parametrize("command", ["score", "export", "check-config", "audit"])
+def test_every_flag_of_the_user_facing_commands_says_what_it_does(command):
+    """`imatch score --device/--dtype/--batch-size/--tau` had no help; a T2I user reads these first."""
+    parser = build_parser()._subparsers._group_actions[0].choices[command]
+    silent = [a.option_strings or a.dest for a in parser._actions if a.dest != "help" and not a.help]
+    assert silent == [], silent
+
+
 def _properties(schema, path=""):
     for name, sub in schema.get("properties", {}).items():
         yield f"{path}{name}", sub

@@ -96,3 +96,67 @@ def test_a_bundle_without_settings_is_refused(tmp_path):
     seal(folder)
     with pytest.raises(InputError, match=r"model 'm': settings lack \['prompt_type', 'element_levels'\]"):
         bundle.load(folder)
+
+
+def _browser() -> str:
+    """Chromium from Debian's packages (installed here when missing and allowed, as the SLURM
+    test installs SLURM); skipped without one unless IMATCH_REQUIRE_BROWSER=1 (.ci/run)."""
+    import os
+    import shutil
+    import subprocess
+
+    found = shutil.which("chromium")
+    if not found and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for step in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]):
+            subprocess.run(step, capture_output=True, env=env)
+        found = shutil.which("chromium")
+    if not found:
+        if os.environ.get("IMATCH_REQUIRE_BROWSER") == "1":
+            pytest.fail("a browser is required here (IMATCH_REQUIRE_BROWSER=1) but chromium is not installable")
+        pytest.skip("no chromium")
+    return found
+
+
+def test_the_summary_page_renders_in_a_real_browser_and_sorts(tmp_path):
+    """summary.html linked absolute file:// URIs (broken once moved or served) and showed no file
+    names. Now it is one self-contained page: moved to another folder without its images, headless
+    Chromium still shows every thumbnail (their colours are on the screenshot), the file names,
+    and sorts by total score when its header is clicked."""
+    import shutil
+    import subprocess
+
+    import numpy as np
+
+    from imatch.predict import summary_html
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    colours = {"red.png": (230, 20, 20), "blue.png": (20, 20, 230), "green.png": (20, 200, 20)}
+    for name, rgb in colours.items():
+        Image.new("RGB", (120, 90), rgb).save(images / name)
+    scores = pd.DataFrame({"image": list(colours), "prompt": ["a red card", "a blue card", "a green card"],
+                           "total_score": [2.5, 4.75, 1.25]})
+    elements = pd.DataFrame({"row": [0, 1], "image": ["red.png", "blue.png"], "element": ["red (color)", "blue (color)"],
+                             "expected_level": [5.2, 2.1], "hit": [True, False]})
+    page = summary_html(scores, elements, images)
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    (moved / "summary.html").write_text(page)
+    shutil.rmtree(images)  # the page needs nothing beside it
+    chromium = _browser()
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1000,700"]
+    shot = tmp_path / "shot.png"
+    subprocess.run([*flags, f"--screenshot={shot}", (moved / "summary.html").as_uri()], capture_output=True, timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3).astype(int)
+    assert (pixels.std(axis=0) > 10).all()  # not blank
+    for name, rgb in colours.items():
+        near = (np.abs(pixels - np.array(rgb)).max(axis=1) < 40).sum()
+        assert near > 2000, f"{name}'s thumbnail is not on the page ({near} pixels)"
+    # click the "total score" header, then read the rows back from the live DOM
+    (moved / "clicked.html").write_text(page.replace("</body>", "<script>document.querySelectorAll('th[data-sort]')[3]"
+                                                                ".click()</script></body>"))
+    dom = subprocess.run([*flags, "--dump-dom", (moved / "clicked.html").as_uri()], capture_output=True, text=True,
+                         timeout=120).stdout
+    order = [name for name in sorted(colours, key=dom.find)]
+    assert "<td>red.png</td>" in dom and order == ["green.png", "red.png", "blue.png"], order  # 1.25, 2.5, 4.75

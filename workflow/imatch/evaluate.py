@@ -214,6 +214,7 @@ def add_parser(subparsers) -> None:
                               description=metrics_table.__doc__)
     t.add_argument("metrics", type=Path, nargs="+", help="metrics/<split>.json files")
     t.add_argument("--out", type=Path, required=True, help="TSV to write")
+    t.add_argument("--html", type=Path, help="also an HTML page of the table (shown in the Snakemake report)")
     t.set_defaults(func=_run_table)
 
     p = subparsers.add_parser("evaluate", help="score predictions like the official Track 1 judge", description=__doc__)
@@ -238,6 +239,12 @@ def _run_table(args) -> int:
 
     table = metrics_table(args.metrics)
     write_text(table.to_csv(sep="\t", index=False, float_format="%.4f"), args.out)
+    if args.html:
+        page = table.to_html(index=False, float_format=lambda v: f"{v:.4f}", na_rep="null", border=0)
+        write_text("<!doctype html><html><head><meta charset='utf-8'><title>metrics</title><style>"
+                   "body{font-family:sans-serif} td,th{padding:3px 8px;text-align:right} tr:nth-child(even){background:#f4f4f4}"
+                   "</style></head><body><p>Official Track 1 metrics (PLCC: the judge's logistic fit; final = "
+                   "SRCC/4 + PLCC/4 + ACC/2)</p>" + page + "</body></html>\n", args.html)
     print(table.to_string(index=False))
     return 0
 

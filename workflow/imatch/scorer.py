@@ -236,7 +236,7 @@ class Scorer:
             queries = self._element_queries(name, samples, element_rows)
             expected[name] = pd.Series(self._expected(name, queries, "element"),
                                        index=pd.MultiIndex.from_frame(queries[["img_path", "element"]]))
-        keys = next(iter(expected.values())).index
+        keys = pd.MultiIndex.from_frame(element_rows[["img_path", "element"]])  # the caller's order
         members, weights = self.bundle["element"]["members"], self.bundle["element"]["weights"]
         mean = sum(w * expected[n].reindex(keys) for n, w in zip(members, weights))
         out = pd.DataFrame({"expected_level": mean.to_numpy()}, index=keys).reset_index()

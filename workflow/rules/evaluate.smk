@@ -75,8 +75,13 @@ rule metrics_summary:
     input:
         expand(f"{RESULTS}/metrics/{{split}}.json", split=config["evaluate"]["splits"]),
     output:
-        report(
+        table=report(
             f"{RESULTS}/metrics/summary.tsv",
+            caption="../report/metrics.rst",
+            category="Metrics",
+        ),
+        page=report(
+            f"{RESULTS}/metrics/summary.html",
             caption="../report/metrics.rst",
             category="Metrics",
         ),
@@ -88,4 +93,4 @@ rule metrics_summary:
         mem_mb=1000,
         runtime=5,
     shell:
-        "imatch metrics-table --out {output} {input} > {log} 2>&1"
+        "imatch metrics-table --out {output.table} --html {output.page} {input} > {log} 2>&1"
