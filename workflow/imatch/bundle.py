@@ -226,7 +226,16 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=_run)
 
 
+def sources(described: dict) -> list[Path]:
+    """What a described ensemble is read from: its model folders and bases (provenance inputs)."""
+    found = [Path(m["folder"]) for m in described["models"].values()]
+    found += [Path(m["base"]) for m in described["models"].values() if isinstance(m["base"], str)]
+    return sorted(set(found))
+
+
 def _run(args) -> int:
+    # the inputs are the exported models, not the whole results folder (which later jobs change)
+    args.sources = sources(describe(args.results, predictor=args.predictor, split=args.split))
     described = export(args.results, args.out, predictor=args.predictor, split=args.split,
                        reference_bases=args.reference_bases)
     print(json.dumps({"models": sorted(described["models"]), "tau": described["tau"],

@@ -147,5 +147,9 @@ def _run(args) -> int:
         elements.to_csv(tmp / "elements.csv", index=False)
         (tmp / "summary.html").write_text(summary_html(scores, elements, args.images), encoding="utf-8")
     args.artifacts = [args.out]  # --images is the user's input: nothing is written beside it
+    from imatch import bundle  # read: the prompts, the images, the bundle or the models of a results folder
+
+    models = [args.models] if (args.models / bundle.BUNDLE).is_file() else bundle.sources(bundle.describe(args.models))
+    args.sources = [args.prompts, args.images, *models]
     print(json.dumps({"images": len(scores), "elements": len(elements), "out": str(args.out)}))
     return 0

@@ -139,6 +139,10 @@ NOT_INPUTS = {"scratch", "step_times"}  # working folders and logs a command wri
 
 
 def input_paths(args, outputs: list) -> list[Path]:
+    """The paths a command read: those it names itself (`args.sources`, for a command given a
+    whole results folder of which it reads a few artifacts), else every existing path argument."""
+    if getattr(args, "sources", None) is not None:
+        return [Path(p) for p in args.sources if Path(p).exists()]
     found = []
     for key, value in vars(args).items():
         if key in NOT_INPUTS:
@@ -159,7 +163,7 @@ def record(args, argv: list[str]) -> None:
         "format": FORMAT,
         "command": ["imatch", *argv],
         "arguments": {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list) else v)
-                      for k, v in vars(args).items() if k not in {"func", "artifacts"}},
+                      for k, v in vars(args).items() if k not in {"func", "artifacts", "sources"}},
         "seed": getattr(args, "seed", None),
         "git_revision": _git_revision(),
         "versions": _versions(),
