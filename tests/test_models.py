@@ -260,14 +260,24 @@ def test_a_diverged_model_is_refused_at_scoring(backbone, tables, tmp_path):
     assert proc.returncode == 2 and str(broken) in proc.stderr and "non-finite" in proc.stderr, proc.stderr[-2000:]
     assert "few.parquet" in proc.stderr and first in proc.stderr
     assert not out.exists()
-    # `imatch score` (a user's folder) scores through predict._score: the same refusal, named, no traceback
-    from imatch import predict
+    # `imatch score` / `imatch.Scorer` (a user's images, a bundle holding that model): the same
+    # refusal, named, no traceback
+    from imatch import levels
     from imatch.errors import InputError
+    from imatch.scorer import Scorer
 
+    ens = tmp_path / "ens"
+    shutil.copytree(broken, ens / "models" / "m")
+    (ens / "bundle.json").write_text(json.dumps({
+        "format": 1, "tau": 3.0, "overall": {"members": ["m"], "weights": [1.0]},
+        "element": {"members": [], "weights": []}, "element_levels_from": None,
+        "models": {"m": {"task": "overall", "arch": "internvl", "folder": "models/m", "base": None,
+                         "settings": {"metadata": [], "prompt_type": False, "element_levels": False},
+                         "alphabet": levels.OVERALL_LETTERS, "image_budget": {"max_pixels": 16384, "max_tiles": None}}}}))
+    seal(ens)
     with pytest.raises(InputError, match="non-finite") as refused:
-        predict._score([(broken, {"arch": "internvl", "base_model": str(broken), "swift_command": []})],
-                       pd.read_parquet(parquet), "overall", "cpu", "float32", 4)
-    assert str(broken) in str(refused.value) and first in str(refused.value)
+        Scorer(ens, device="cpu")(images=[first_image := pd.read_parquet(parquet)["image"].iloc[0]], prompts=["a car"])
+    assert str(ens / "models" / "m") in str(refused.value) and f"row 0 ({first_image})" in str(refused.value)
 
 
 def _processes_mentioning(text: str) -> list:

@@ -20,6 +20,7 @@ import logging
 import math
 import numbers
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -212,8 +213,10 @@ class Scorer:
         self._environment(m)
         try:
             out = score_table(table, model, processor, template, task=task, batch_size=self.batch_size, tau=self.tau)
-        except ScoringError as exc:  # a diverged model: named, nothing returned
-            raise InputError(m["folder"], f"scoring {task} queries: {exc}") from None
+        except ScoringError as exc:  # a diverged model: named, with the caller's image, nothing returned
+            names = dict(zip(table["img_path"], table["image"]))
+            message = re.sub(r"row-(\d{7})", lambda k: f"row {int(k[1])} ({names.get(k[0], '?')})", str(exc))
+            raise InputError(m["folder"], f"scoring {task} queries: {message}") from None
         finally:
             if not self.keep_models:
                 del model

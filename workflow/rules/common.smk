@@ -532,6 +532,14 @@ wildcard_constraints:
     shard="[0-9]+",
 
 
+def exported_predictions(wildcards):
+    """The submission's predictions: their provenance names the models `export` copies."""
+    sub = config["submission"]
+    return (
+        f"{RESULTS}/predictions/{sub['predictor']}/{sub['split']}/predictions.parquet"
+    )
+
+
 def predictor_scores(wildcards):
     round_, overall, element, blank, weights = model_predictor(
         wildcards.model_predictor

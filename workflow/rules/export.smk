@@ -2,13 +2,6 @@
 # `imatch.Scorer` read on another machine.
 
 
-def exported_predictions(wildcards):
-    sub = config["submission"]
-    return (
-        f"{RESULTS}/predictions/{sub['predictor']}/{sub['split']}/predictions.parquet"
-    )
-
-
 rule export:
     input:
         predictions=exported_predictions,
@@ -23,8 +16,9 @@ rule export:
         mem_mb=2000,
         runtime=60,
     params:
+        results=lambda w, output: os.path.dirname(output[0]),  # the results folder
         predictor=config["submission"]["predictor"],
         split=config["submission"]["split"],
     shell:
-        "imatch export {RESULTS} --out {output} --predictor {params.predictor} --split {params.split}"
+        "imatch export {params.results} --out {output} --predictor {params.predictor} --split {params.split}"
         " > {log} 2>&1"
