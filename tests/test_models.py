@@ -368,3 +368,69 @@ def test_remote_code_is_claimed_only_for_a_folder_that_ships_code(backbone, tmp_
     assert said == {("INFO", f"Loading the model of {str(backbone)!r}"),
                     ("WARNING", f"Loading model from {str(shipped)!r} with trust_remote_code=True. This will execute custom Python code shipped in the model repository (e.g. configuration_*.py, modeling_*.py, tokenization_*.py). Only proceed if you trust the source of this model.")}, said
 
+
+
+def test_a_lora_ensemble_exports_with_its_base_and_scores_like_combine(backbone, tables, tmp_path):
+    """The real configuration fine-tunes LoRA adapters: a bundle carries each adapter with its base
+    backbone (copied, or referenced by path and manifest checksum), and scores the queries the
+    workflow's own commands scored (train -> score-set -> gather-scores -> combine, run here as
+    the rules run them, relative paths from a working directory) within float32 noise."""
+    import shutil
+
+    from imatch.errors import InputError
+    from imatch.scorer import Scorer
+
+    samples, elements = tables
+    data = tmp_path / "results" / "data"
+    data.mkdir(parents=True)
+    samples.to_parquet(data / "samples.parquet")
+    elements.to_parquet(data / "elements.parquet")
+    shutil.copytree(backbone, tmp_path / "results" / "backbones" / "tiny")
+    run = {"cwd": tmp_path}
+    scores = {}
+    for task in ("overall", "element"):
+        sets = f"results/instructions/{task}"
+        for split in ("train", "val"):
+            imatch("instructions", "--task", task, "--split", split, "--samples", "results/data/samples.parquet",
+                   "--elements", "results/data/elements.parquet", "--out", f"{sets}/{split}.parquet",
+                   "--jsonl", f"{sets}/{split}.jsonl", *(["--prompt-type"] if task == "element" else []), **run)
+        model = f"results/models/tiny/{task}-r1"
+        imatch("train", "--arch", "internvl", "--model", "results/backbones/tiny", "--dataset", f"{sets}/train.jsonl",
+               "--out", model, "--scratch", f"results/scratch/{task}", "--tuner", "lora", "--lora-rank", "4",
+               "--max-steps", "2", "--batch-size", "4", "--learning-rate", "1e-3", "--dtype", "float32",
+               "--max-pixels", "16384", "--no-gradient-checkpointing", **run)
+        assert (tmp_path / model / "adapter_config.json").is_file()
+        shard = f"results/scores/tiny/{task}-r1/shards/0.parquet"
+        imatch("score-set", "--arch", "internvl", "--model", model, "--base", "results/backbones/tiny", "--instructions",
+               f"{sets}/val.parquet", "--out", shard, "--dtype", "float32", "--max-pixels", "16384", "--device", "cpu",
+               "--tau", "3", **run)
+        scores[task] = f"results/scores/tiny/{task}-r1/scores.parquet"
+        imatch("gather-scores", shard, "--instructions", f"{sets}/val.parquet", "--out", scores[task], **run)
+    predicted = "results/predictions/ensemble/val"
+    imatch("combine", "--overall", scores["overall"], "--element", scores["element"], "--split", "val", "--tau", "3",
+           "--out-predictions", f"{predicted}/predictions.parquet",
+           "--out-element-predictions", f"{predicted}/element_predictions.parquet", **run)
+    imatch("export", "results", "--out", "ens", "--split", "val", **run)
+    imatch("export", "results", "--out", "ens-ref", "--split", "val", "--reference-bases", **run)
+    copied = json.loads((tmp_path / "ens" / "bundle.json").read_text())["models"]["tiny/overall-r1"]
+    referenced = json.loads((tmp_path / "ens-ref" / "bundle.json").read_text())["models"]["tiny/overall-r1"]
+    assert copied["base"] == "bases/tiny" and (tmp_path / "ens" / "bases" / "tiny" / "model.safetensors").is_file()
+    assert referenced["base"]["path"] == str((tmp_path / "results" / "backbones" / "tiny").resolve())
+    assert not (tmp_path / "ens-ref" / "bases").exists()
+
+    val = samples[samples["split"] == "val"].reset_index(drop=True)
+    keys = [elements.loc[elements["img_path"] == p, "element"].tolist() for p in val["img_path"]]
+    pred = pd.read_parquet(tmp_path / predicted / "predictions.parquet").set_index("img_path")
+    epred = pd.read_parquet(tmp_path / predicted / "element_predictions.parquet")
+    for bundle in ("ens", "ens-ref"):
+        out = Scorer(tmp_path / bundle, device="cpu")(images=list(val["image"]), prompts=list(val["prompt"]), elements=keys,
+                                                      prompt_types=list(val["prompt_type"]))
+        assert np.allclose(out["total_score"], pred.loc[val["img_path"], "total_score"], atol=1e-5, rtol=0), bundle
+        mine = pd.DataFrame([{"img_path": p, **e} for p, row in zip(val["img_path"], out["elements"]) for e in row])
+        joined = epred.merge(mine, on=["img_path", "element"], validate="one_to_one", suffixes=("", "_api"))
+        assert len(joined) == len(epred) > 0
+        assert np.allclose(joined["expected_level"], joined["expected_level_api"], atol=1e-5, rtol=0), bundle
+    # a referenced base that is no longer the one exported is refused, named
+    (tmp_path / "results" / "backbones" / "tiny" / "manifest.json").write_text("{}")
+    with pytest.raises(InputError, match="not the one exported"):
+        Scorer(tmp_path / "ens-ref", device="cpu")
