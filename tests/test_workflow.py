@@ -51,7 +51,7 @@ def test_the_tree_just_made_audits_clean_also_copied_and_damage_is_named(workflo
     model = copy / "models" / "tiny-ovis2" / "overall-r2"
     gone = next(n for n in ("tokenizer.json", "config.json") if (model / n).is_file())
     (model / gone).unlink()  # a deleted model file
-    jsonl = sorted(copy.glob("instructions/*/train.jsonl"))[0]
+    jsonl = sorted(copy.glob("instructions/*/train-*.jsonl"))[0]
     jsonl.write_text("".join(jsonl.read_text().splitlines(keepends=True)[:3]))  # a truncated jsonl
     proc = subprocess.run([*audit, str(copy)], cwd=tmp_path, capture_output=True, text=True, env=env)
     lines = proc.stdout.splitlines()[:-1]
