@@ -129,8 +129,14 @@ def pick_device(device: str) -> str:
     return device
 
 
+def _no_video_hint(record: logging.LogRecord) -> bool:
+    """ms-swift's "pip install decord" hint is about video input, which scoring never reads."""
+    return "decord" not in record.getMessage()
+
+
 class Scorer:
-    """A trained iMatch ensemble, loaded once, called on images and prompts."""
+    """A trained iMatch ensemble, loaded once, called on images and prompts. `verbose=False`
+    quiets ms-swift's and transformers' INFO logs (and torch's FutureWarnings) in this process."""
 
     def __init__(self, source, *, device: str = "auto", dtype: str | None = None, batch_size: int = 8,
                  keep_models: bool = True, verbose: bool = False):
@@ -146,16 +152,18 @@ class Scorer:
             for name in ("swift", "transformers"):
                 logging.getLogger(name).setLevel(logging.WARNING)
             os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-            logging.getLogger("swift").addFilter(lambda r: "decord" not in r.getMessage())  # video only
-            warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside torch / transformers
+            if _no_video_hint not in logging.getLogger("swift").filters:
+                logging.getLogger("swift").addFilter(_no_video_hint)
+            warnings.filterwarnings("ignore", category=FutureWarning, module="torch")  # torch.jit deprecation
 
     @property
     def members(self) -> dict:
         return {k: self.bundle[k] for k in ("overall", "element", "element_levels_from")}
 
     def __call__(self, images, prompts, elements=None, *, prompt_types=None, metadata=None) -> pd.DataFrame:
+        images = list(images)  # an iterator is read once
         samples, element_rows = check_inputs(images, prompts, elements, prompt_types=prompt_types, metadata=metadata)
-        return self.score(samples, element_rows, images=list(images))
+        return self.score(samples, element_rows, images=images)
 
     def score(self, samples: pd.DataFrame, element_rows: pd.DataFrame, *, images: list) -> pd.DataFrame:
         """Score validated tables (`check_inputs`); `images`: paths or PIL images, one per sample."""
