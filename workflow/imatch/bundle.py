@@ -80,7 +80,10 @@ def _member(scores: Path, split: str, root: str) -> dict:
     levels_table = None
     if settings.get("element_levels"):
         levels_table = _input(chosen[0], _record(chosen[0]), settings["element_levels"], root)
-    training = json.loads((model / "training.json").read_text())
+    try:
+        training = json.loads((model / "training.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(model, f"not a trained model folder (training.json: {exc})") from None
     task = "overall" if settings["task"] == "overall" else "element"
     base = _input(shard, made, args["base"], root) if args.get("base") and (model / "adapter_config.json").is_file() else None
     return {"name": f"{model.parent.name}/{model.name}", "task": task, "arch": args["arch"], "folder": str(model),
