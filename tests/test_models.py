@@ -355,18 +355,25 @@ def test_remote_code_is_claimed_only_for_a_folder_that_ships_code(backbone, tmp_
     shutil.copytree(backbone, shipped)
     config = json.loads((shipped / "config.json").read_text())
     (shipped / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoConfig": "configuration_x.XConfig"}}))
+    tokenizer_code = tmp_path / "tokenizer-code"  # custom code for the tokenizer only
+    shutil.copytree(backbone, tokenizer_code)
+    settings = json.loads((tokenizer_code / "tokenizer_config.json").read_text())
+    (tokenizer_code / "tokenizer_config.json").write_text(json.dumps({**settings, "auto_map": {"AutoTokenizer": ["x.T", None]}}))
     records = []
     handler = logging.Handler()
     handler.emit = records.append
     logging.getLogger("swift").addHandler(handler)
     try:
-        for folder in (backbone, shipped):
+        for folder in (backbone, shipped, tokenizer_code):
             _get_model_info(str(folder), "internvl", None)  # ms-swift's own type: no plug-in needed
     finally:
         logging.getLogger("swift").removeHandler(handler)
     said = {(r.levelname, r.getMessage().split(":")[0]) for r in records if "remote" in r.getMessage()}
+    claim = ("with trust_remote_code=True. This will execute custom Python code shipped in the model repository (e.g. "
+             "configuration_*.py, modeling_*.py, tokenization_*.py). Only proceed if you trust the source of this model.")
     assert said == {("INFO", f"Loading the model of {str(backbone)!r}"),
-                    ("WARNING", f"Loading model from {str(shipped)!r} with trust_remote_code=True. This will execute custom Python code shipped in the model repository (e.g. configuration_*.py, modeling_*.py, tokenization_*.py). Only proceed if you trust the source of this model.")}, said
+                    ("WARNING", f"Loading model from {str(shipped)!r} {claim}"),
+                    ("WARNING", f"Loading model from {str(tokenizer_code)!r} {claim}")}, said
 
 
 

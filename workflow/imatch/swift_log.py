@@ -20,21 +20,34 @@ CLAIM = re.compile(r"Loading (?P<what>model|config|tokenizer/processor) from '(?
                    r"with trust_remote_code=True\.")
 
 
+CONFIGS = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json")
+
+
 def ships_code(model_dir: str) -> bool:
-    """Whether the folder's config.json points transformers at code of its own (`auto_map`)."""
+    """Whether any of the folder's configs points transformers at code of its own (`auto_map`)."""
     try:
         config = json.loads((Path(model_dir) / "config.json").read_text())
     except (OSError, ValueError):
         return True  # unknown: keep the warning
-    return bool(config.get("auto_map"))
+    if config.get("auto_map"):
+        return True
+    for name in CONFIGS[1:]:
+        try:
+            if json.loads((Path(model_dir) / name).read_text()).get("auto_map"):
+                return True
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, AttributeError):
+            return True
+    return False
 
 
 class RemoteCodeTruth(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         found = CLAIM.match(record.getMessage())
         if found and not ships_code(found["dir"]):
-            record.msg, record.args = (f"Loading the {found['what']} of {found['dir']!r}: its config.json names no "
-                                       "custom code (no auto_map), so no remote code runs"), ()
+            record.msg, record.args = (f"Loading the {found['what']} of {found['dir']!r}: it names no "
+                                       "custom code (no auto_map in its configs), so no remote code runs"), ()
             record.levelno, record.levelname = logging.INFO, "INFO"
         return True
 
