@@ -20,6 +20,7 @@ def folder(tmp_path):
     for name, colour in (("a.png", "red"), ("b.png", "blue")):
         Image.new("RGB", (32, 24), colour).save(images / name)
     (images / "fake.png").write_text("not an image")
+    Image.new("I;16", (32, 24), 40000).save(images / "deep.png")  # 16-bit: near-white once converted to RGB
     return images
 
 
@@ -40,6 +41,7 @@ def _cli(imatch, folder, rows, tmp_path, suffix=".csv"):
     ([{"image": "a.png", "prompt": ""}], "row 0: empty prompt"),
     ([{"image": "a.png", "prompt": "a car"}, {"image": "fake.png", "prompt": "a cat"}], "row 1: not a readable image"),
     ([{"image": "c.png", "prompt": "a car"}], "row 0: image not found"),
+    ([{"image": "deep.png", "prompt": "a car"}], "has pixel mode 'I;16' (16/32-bit or float)"),
     ([{"image": "a.png", "prompt": "a car", "elements": "car"}], "row 0: element 'car' has no ' (<category>)' suffix"),
     ([{"image": "a.png", "prompt": "a <image> car"}], "row 0: prompt holds '<image>'"),
     ([{"image": "a.png", "prompt": "a car", "prompt_type": "fake"}], "row 0: prompt type must be one of"),
@@ -79,6 +81,11 @@ def test_blank_elements_repeated_images_and_every_format_are_read(folder, tmp_pa
                                          table["elements"].tolist(), label=str(path))
         assert list(samples["img_path"]) == ["row-0000000", "row-0000001", "row-0000002"]
         assert elements[["img_path", "element"]].values.tolist() == [["row-0000000", "red square (object)"]]
+
+
+def test_a_16_bit_image_given_as_pil_is_refused_like_ingest_refuses_it():
+    with pytest.raises(InputError, match=r"row 1: image <image 1> has pixel mode 'I;16'"):
+        check_inputs([Image.new("RGB", (8, 8)), Image.new("I;16", (8, 8), 40000)], ["a", "b"])
 
 
 def test_a_bundle_without_settings_is_refused(tmp_path):

@@ -30,7 +30,7 @@ from pathlib import Path
 from imatch import __version__, integrity, levels
 from imatch.atomic import atomic_path, write_json
 from imatch.errors import InputError
-from imatch.provenance import SUFFIX, _locate
+from imatch.provenance import SUFFIX, locate
 
 FORMAT = 1
 BUNDLE = "bundle.json"
@@ -52,7 +52,7 @@ def _input(path: Path, record: dict, given: str, root: str) -> Path:
     """Where the input `given` (as the command received it) of the artifact `path` lies now."""
     for entry in record.get("inputs", []):
         if entry["path"] == given:
-            return _locate(entry, Path(f"{path}{SUFFIX}"), root)
+            return locate(entry, Path(f"{path}{SUFFIX}"), root)
     raise InputError(f"{path}{SUFFIX}", f"does not record the input {given!r}")
 
 
@@ -153,8 +153,9 @@ def export(results: Path, out: Path, *, predictor: str = "ensemble", split: str 
             if m["base"]:
                 base = Path(m["base"])
                 if reference_bases:
-                    manifest = integrity.verify(base, required=True) and base / integrity.MANIFEST
-                    m["base"] = {"path": str(base.resolve()), "manifest_sha256": _sha256(manifest)}
+                    integrity.verify(base, required=True)
+                    m["base"] = {"path": str(base.resolve()),
+                                 "manifest_sha256": integrity.sha256_file(base / integrity.MANIFEST)}
                 else:
                     if str(base) not in bases:
                         bases[str(base)] = (Path("bases") / base.name).as_posix()
@@ -164,12 +165,6 @@ def export(results: Path, out: Path, *, predictor: str = "ensemble", split: str 
         write_json(described, tmp / BUNDLE)
         integrity.seal(tmp, kind="imatch-bundle")
     return described
-
-
-def _sha256(path: Path) -> str:
-    from imatch.download import sha256_file
-
-    return sha256_file(path)
 
 
 def load(source: Path) -> dict:
@@ -211,7 +206,7 @@ def _absolute(described: dict, root: Path | None) -> dict:
                 m["base"] = str((root / m["base"]).resolve())
         if isinstance(m["base"], dict):  # a referenced base: where it was, checked by its manifest
             base = Path(m["base"]["path"])
-            if not (base / integrity.MANIFEST).is_file() or _sha256(base / integrity.MANIFEST) != m["base"]["manifest_sha256"]:
+            if not (base / integrity.MANIFEST).is_file() or integrity.sha256_file(base / integrity.MANIFEST) != m["base"]["manifest_sha256"]:
                 raise InputError(base, f"the base backbone of {m['folder']} is missing or not the one exported "
                                        "(its manifest differs)")
             m["base"] = str(base)

@@ -38,6 +38,16 @@ TEMPLATE_TAGS = ("<image>", "<video>", "<audio>", "<ref-object>", "<bbox>")
 # PIL image modes whose conversion to RGB is not a picture: 16/32-bit integers saturate to white,
 # floats to black (the model would see a blank image)
 UNREADABLE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def blank_mode_problem(path, mode: str) -> str | None:
+    """Why an image of this pixel mode cannot be shown to a model (None: it can)."""
+    if mode in UNREADABLE_MODES:
+        return (f"image {path} has pixel mode {mode!r} (16/32-bit or float): converted to RGB it would be blank; "
+                "save it as 8-bit RGB")
+    return None
+
+
 # The real files spell it "promt_meaningless"; accept both spellings.
 MEANINGLESS_KEYS = ("promt_meaningless", "prompt_meaningless")
 SAMPLE_COLUMNS = [
@@ -319,9 +329,8 @@ def _check_image(row: dict, images_root: Path, source: Path) -> None:
             im.verify()
     except Exception as exc:  # PIL raises many types for unreadable files
         raise InputError(source, f"unreadable image {path}: {exc}", label) from None
-    if mode in UNREADABLE_MODES:
-        raise InputError(source, f"image {path} has pixel mode {mode!r} (16/32-bit or float): converted to RGB it "
-                                 "would be blank; save it as 8-bit RGB", label)
+    if problem := blank_mode_problem(path, mode):
+        raise InputError(source, problem, label)
     row["image"] = str(path)
 
 

@@ -47,9 +47,7 @@ def check_lengths(datasets: list[Path], arch: archs.Arch, model: Path, *, max_le
         import_external_file(arch.plugin)
     # the template as `swift sft` builds it: the environment it gets (tile budget; Qwen2.5-VL's resize
     # reads MAX_PIXELS) and --max_pixels
-    os.environ.update({**arch.env, **arch.tiles_environment(max_tiles)})
-    if max_pixels:
-        os.environ["MAX_PIXELS"] = str(max_pixels)
+    os.environ.update(arch.swift_environment(max_pixels, max_tiles))
     _, processor = get_model_processor(str(model), model_type=arch.swift_model_type, load_model=False,
                                        download_model=False, use_hf=True)
     template = get_template(processor, template_type=arch.swift_template, max_pixels=max_pixels or None)

@@ -155,10 +155,11 @@ def input_paths(args, outputs: list) -> list[Path]:
 
 
 def record(args, argv: list[str]) -> None:
-    outputs = [p for p in output_paths(args) if p.exists()]
+    declared = output_paths(args)
+    outputs = [p for p in declared if p.exists()]
     if not outputs:
         return
-    inputs = input_paths(args, output_paths(args) + [getattr(args, "out", None)])
+    inputs = input_paths(args, declared + [getattr(args, "out", None)])
     base = {
         "format": FORMAT,
         "command": ["imatch", *argv],
@@ -186,7 +187,7 @@ def _inside(path: str, root: str) -> bool:
     return os.path.commonpath([path, root]) == root
 
 
-def _locate(entry: dict, record: Path, root: str) -> Path:
+def locate(entry: dict, record: Path, root: str) -> Path:
     """Where an input is now: beside the record as it was when the input lay in the audited tree
     (the tree may have been moved or copied), else where it was."""
     moved = os.path.normpath(os.path.join(os.path.abspath(record.parent), entry["relative"]))
@@ -227,7 +228,7 @@ def audit(results: Path) -> list[dict]:
                 where = f"{name}/{line}" if files else f"{name}: {line}"
                 problems.append({"artifact": name, "problem": line, "line": where})
         for entry in rec["inputs"]:
-            path = _locate(entry, prov, root)
+            path = locate(entry, prov, root)
             if input_print(path) != entry["print"]:
                 state = "missing" if not path.exists() else "changed since the artifact was made"
                 problems.append({"artifact": name, "problem": f"input {state}: {path}"})

@@ -377,9 +377,7 @@ def _run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     arch = archs.get(args.arch)
-    os.environ.update(arch.env)
-    if args.max_pixels:
-        os.environ["MAX_PIXELS"] = str(args.max_pixels)
+    os.environ.update(arch.swift_environment(args.max_pixels, args.max_tiles))
     check_gpus(args.gpus)
     device = args.device
     if device == "auto":

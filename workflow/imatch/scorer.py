@@ -30,7 +30,7 @@ import pandas as pd
 
 from imatch import archs, bundle, levels, prompts
 from imatch.errors import InputError
-from imatch.ingest import TEMPLATE_TAGS, split_element_key
+from imatch.ingest import TEMPLATE_TAGS, blank_mode_problem, split_element_key
 from imatch.instructions import build_element, build_overall
 
 PROMPT_TYPES = ("real", "synthetic")
@@ -82,6 +82,8 @@ def check_inputs(images, prompts_, elements=None, *, prompt_types=None, metadata
         image = images[i]
         if isinstance(image, Image.Image):
             name = f"<image {i}>"
+            if problem := blank_mode_problem(name, image.mode):
+                raise InputError(label, problem, where)
         else:
             path = Path(image)
             name = str(image)
@@ -90,8 +92,11 @@ def check_inputs(images, prompts_, elements=None, *, prompt_types=None, metadata
             try:
                 with Image.open(path) as im:
                     im.load()  # decoded, not only its header
+                    mode = im.mode
             except Exception as exc:  # PIL raises many types for unreadable files
                 raise InputError(label, f"not a readable image: {path} ({exc})", where) from None
+            if problem := blank_mode_problem(path, mode):  # the check ingest makes: one function
+                raise InputError(label, problem, where)
         prompt = prompts_[i]
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError(label, f"empty prompt (got {prompt!r})", where)
@@ -156,10 +161,6 @@ class Scorer:
                 logging.getLogger("swift").addFilter(_no_video_hint)
             warnings.filterwarnings("ignore", category=FutureWarning, module="torch")  # torch.jit deprecation
 
-    @property
-    def members(self) -> dict:
-        return {k: self.bundle[k] for k in ("overall", "element", "element_levels_from")}
-
     def __call__(self, images, prompts, elements=None, *, prompt_types=None, metadata=None) -> pd.DataFrame:
         images = list(images)  # an iterator is read once
         samples, element_rows = check_inputs(images, prompts, elements, prompt_types=prompt_types, metadata=metadata)
@@ -170,7 +171,7 @@ class Scorer:
         with tempfile.TemporaryDirectory(prefix="imatch-score-") as tmp:
             samples = samples.copy()
             samples["image"] = [self._image_path(im, i, Path(tmp)) for i, im in enumerate(images)]
-            per_element = self._elements(samples, element_rows, Path(tmp))
+            per_element = self._elements(samples, element_rows)
             total = self._overall(samples, element_rows, per_element, Path(tmp))
         out = pd.DataFrame({"image": [str(im) if isinstance(im, (str, Path)) else f"<image {i}>"
                                       for i, im in enumerate(images)],
@@ -208,10 +209,8 @@ class Scorer:
     @staticmethod
     def _environment(m: dict) -> None:
         """The environment ms-swift's templates read, as `imatch score-set` sets it for this model."""
-        arch = archs.get(m["arch"])
-        os.environ.update({**arch.env, **arch.tiles_environment(m["image_budget"]["max_tiles"])})
-        if m["image_budget"]["max_pixels"]:
-            os.environ["MAX_PIXELS"] = str(m["image_budget"]["max_pixels"])
+        budget = m["image_budget"]
+        os.environ.update(archs.get(m["arch"]).swift_environment(budget["max_pixels"], budget["max_tiles"]))
 
     def _expected(self, name: str, table: pd.DataFrame, task: str) -> np.ndarray:
         from imatch.score import ScoringError, score_table
@@ -236,7 +235,7 @@ class Scorer:
         s = self.bundle["models"][name]["settings"]
         return build_element(samples, element_rows, "test", metadata=s["metadata"], prompt_type=s["prompt_type"])
 
-    def _elements(self, samples, element_rows, tmp: Path) -> pd.DataFrame:
+    def _elements(self, samples, element_rows) -> pd.DataFrame:
         """Per element: the ensemble's mean expected level and hit, and the level (1..7) that the
         element-level models give the overall queries (`element_levels`)."""
         if element_rows.empty:

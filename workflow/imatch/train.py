@@ -239,11 +239,9 @@ def train(args) -> dict:
     elif resume is not None:
         print(f"resuming from {resume}")
         restore_live_keys(resume)
-    env = {**os.environ, **arch.env, **tiles}
+    env = {**os.environ, **arch.swift_environment(args.max_pixels, args.max_tiles)}
     if args.gpus > 1:  # ms-swift's launcher runs torchrun with one process per GPU
         env["NPROC_PER_NODE"] = str(args.gpus)
-    if args.max_pixels:  # Qwen2.5-VL's own resize reads it; harmless for the others
-        env["MAX_PIXELS"] = str(args.max_pixels)
     if args.step_times:
         env["IMATCH_STEP_TIMES"] = str(Path(args.step_times).resolve())
     if args.threads:  # torch's CPU threads in the swift process: the cores this job was given

@@ -13,8 +13,8 @@ from snakemake.utils import validate
 validate(config, schema="../schemas/config.schema.yaml")
 
 RESULTS = config["results"]
+# importable: the Snakefile put its parent on sys.path
 PACKAGE = Path(workflow.basedir) / "workflow" / "imatch"
-sys.path.insert(0, str(PACKAGE.parent))
 import yaml  # noqa: E402
 from imatch import config_checks  # noqa: E402
 

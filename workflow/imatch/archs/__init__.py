@@ -37,6 +37,13 @@ class Arch:
             raise ValueError(f"max_tiles must be >= 1, got {max_tiles}")
         return {self.tiles_env: str(max_tiles)}
 
+    def swift_environment(self, max_pixels: int | None, max_tiles: int | None) -> dict:
+        """Every env var ms-swift's loaders and templates read for this image budget: the
+        architecture's, the tile budget, and MAX_PIXELS (Qwen2.5-VL's own resize; harmless for
+        the others). One place for training, scoring, the length check and the Scorer."""
+        return {**self.env, **self.tiles_environment(max_tiles),
+                **({"MAX_PIXELS": str(max_pixels)} if max_pixels else {})}
+
 
 def save_backbone(out, model, processor) -> None:
     """Write a built backbone in the layout transformers and ms-swift load from a folder."""
