@@ -209,22 +209,96 @@ def _to_device(batch: dict, device) -> dict:
 
 
 def score_probs(model, template, images: list[str], queries: list[str], answer_ids: list[int], *, batch_size: int,
-                workers: int = 0, bucket: bool = True, desc: str = "score", gaps: GpuGaps | None = None) -> np.ndarray:
+                workers: int = 0, bucket: bool = True, desc: str = "score", gaps: GpuGaps | None = None,
+                share_prefix: bool = False) -> np.ndarray:
     """Answer-set probabilities (queries x symbols), in the order given: one forward pass per
     batch, logits only at the answer position, batches of similar length, encoding in workers."""
     return answer_logits(model, template, images, queries, answer_ids, batch_size=batch_size, workers=workers,
-                         bucket=bucket, desc=desc, gaps=gaps, softmax=True)
+                         bucket=bucket, desc=desc, gaps=gaps, softmax=True, share_prefix=share_prefix)
+
+
+class _Packed:
+    """The queries of each image, encoded one by one by the template and packed into one row
+    (`imatch.prefix.pack`, the tokens that predict the answers at the end of the row)."""
+
+    def __init__(self, template, groups: list[tuple[str, list[str]]]):
+        self.template, self.groups = template, groups
+
+    def __len__(self):
+        return len(self.groups)
+
+    def __getitem__(self, i):
+        from imatch import prefix
+
+        image, queries = self.groups[i]
+        try:
+            encodings = [self.template.encode({"messages": [{"role": "user", "content": q}], "images": [image]})
+                         for q in queries]
+        except Exception as exc:
+            raise InputError(image, f"cannot encode the queries for this image: {exc!r}") from exc
+        return prefix.pack(encodings, [image] * len(queries), answers_last=True)
+
+
+def _shared_answer_logits(model, template, images, queries, answer_ids, *, batch_size, workers, bucket, desc, gaps,
+                          softmax) -> np.ndarray:
+    """`answer_logits` with prefix sharing: one packed row per image, `batch_size` rows (images) a
+    batch; the logits of each row's last positions are its answers."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from imatch import prefix
+
+    members: dict[str, list[int]] = {}
+    for i, image in enumerate(images):
+        members.setdefault(image, []).append(i)
+    keys = list(members)
+    if bucket:  # by image area, then the text of the image's longest query
+        first = [members[k][0] for k in keys]
+        longest = [max(members[k], key=lambda i: len(queries[i])) for k in keys]
+        keys = [keys[j] for j in length_order([images[i] for i in first], [queries[i] for i in longest])]
+    groups = [(k, [queries[i] for i in members[k]]) for k in keys]
+    batches = [list(range(lo, min(lo + batch_size, len(groups)))) for lo in range(0, len(groups), batch_size)]
+    ahead = -(-2 * batch_size // workers) if workers else None
+    encoded = iter(DataLoader(_Packed(template, groups), batch_size=None, num_workers=workers, prefetch_factor=ahead,
+                              collate_fn=lambda x: x))
+    device = next(model.parameters()).device
+    keep_ok = bool(_answer_logits_only(model))
+    out = np.empty((len(queries), len(answer_ids)))
+    ids = torch.tensor(answer_ids, device=device)
+    with torch.inference_mode():
+        for batch in tqdm(batches, desc=desc, unit="batch", mininterval=5):
+            rows = [next(encoded) for _ in batch]
+            width = max(len(groups[g][1]) for g in batch)
+            if gaps is not None:
+                gaps.mark()
+            collated = prefix.collate(template, rows)
+            _, kwargs = template.pre_forward_hook(model, None, _to_device(collated, device))
+            logits = model(**kwargs, **({"logits_to_keep": width} if keep_ok else {})).logits[:, -width:, :]
+            picked = logits[:, :, ids].float()
+            picked = torch.softmax(picked, dim=-1) if softmax else picked
+            picked = picked.cpu().numpy()
+            if gaps is not None:
+                gaps.mark()
+            for r, g in enumerate(batch):
+                n = len(groups[g][1])
+                out[members[groups[g][0]]] = picked[r, width - n:]
+    return out
 
 
 def answer_logits(model, template, images: list[str], queries: list[str], answer_ids: list[int], *, batch_size: int,
                   workers: int = 0, bucket: bool = True, desc: str = "score", gaps: GpuGaps | None = None,
-                  softmax: bool = False) -> np.ndarray:
+                  softmax: bool = False, share_prefix: bool = False) -> np.ndarray:
     """The last position's logits of `answer_ids` (queries x ids; their softmax with `softmax`),
-    in the order given: the scoring path of `score_probs`, also for checks against other code."""
+    in the order given: the scoring path of `score_probs`, also for checks against other code.
+    `share_prefix`: the queries of one image in one packed row (`imatch.prefix`), its shared
+    prefix (image, prompt) encoded once."""
     import torch
     from torch.profiler import record_function
     from torch.utils.data import DataLoader
 
+    if share_prefix:
+        return _shared_answer_logits(model, template, images, queries, answer_ids, batch_size=batch_size,
+                                     workers=workers, bucket=bucket, desc=desc, gaps=gaps, softmax=softmax)
     order = length_order(images, queries) if bucket else np.arange(len(queries))
     dataset = _Encoded(template, [images[i] for i in order], [queries[i] for i in order])
     device = next(model.parameters()).device
@@ -258,13 +332,17 @@ def answer_logits(model, template, images: list[str], queries: list[str], answer
 
 
 def score_table(table: pd.DataFrame, model, processor, template, *, task: str, batch_size: int, tau: float,
-                blank_dir: Path | None = None, workers: int = 0, bucket: bool = True) -> pd.DataFrame:
+                blank_dir: Path | None = None, workers: int = 0, bucket: bool = True,
+                share_prefix: bool = False) -> pd.DataFrame:
+    """`share_prefix`: element queries of one image in one packed row (exact; overall queries, one
+    per image, have nothing to share and are scored one by one)."""
     symbols = levels.OVERALL_LETTERS if task == "overall" else levels.ELEMENT_DIGITS
     tokenizer = getattr(processor, "tokenizer", processor)
     blanks = {"_dir": str(blank_dir)} if blank_dir is not None else None
     images = [_blank(p, blanks) if blanks is not None else p for p in table["image"]]
     probs = score_probs(model, template, images, list(table["query"]), answer_token_ids(tokenizer, symbols),
-                        batch_size=batch_size, workers=workers, bucket=bucket, desc=f"score {task}")
+                        batch_size=batch_size, workers=workers, bucket=bucket, desc=f"score {task}",
+                        share_prefix=share_prefix and task == "element")
     bad = ~np.isfinite(probs).all(axis=1) | (np.abs(probs.sum(axis=1) - 1) > 1e-3)
     if bad.any():  # a diverged model (NaN / inf logits): refuse, never write "NaN expected"
         row = table.iloc[int(bad.argmax())]
@@ -316,6 +394,9 @@ def add_parser(subparsers) -> None:
                    help="the vision tower's attention windows in one kernel (imatch.attention), not one call each")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile every transformer block (GPU: fuses the work between GEMMs; ~40 s once)")
+    p.add_argument("--share-prefix", action=argparse.BooleanOptionalAction, default=False,
+                   help="element sets: the queries of an image in one packed row, its image and prompt encoded once "
+                        "(imatch.prefix; the same probabilities); --batch-size then counts images")
     p.add_argument("--bucket", action=argparse.BooleanOptionalAction, default=True,
                    help="batch queries of similar length together (less padding); output keeps the set's order")
     p.set_defaults(func=_run)
@@ -416,7 +497,7 @@ def _run(args) -> int:
             try:
                 out = score_table(table, model, processor, template, task=task, batch_size=args.batch_size,
                                   tau=args.tau, blank_dir=Path(grey) if view == "blank" else None,
-                                  workers=args.workers, bucket=args.bucket)
+                                  workers=args.workers, bucket=args.bucket, share_prefix=args.share_prefix)
             except ScoringError as exc:  # nothing is written: the model is named, and the image
                 raise InputError(args.model, f"scoring {path} ({view}): {exc}") from None
             if len(out) != len(table):

@@ -24,7 +24,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from imatch import archs, attention, integrity, steptimer, swift_log
+from imatch import archs, attention, integrity, prefix, steptimer, swift_log
 from imatch.atomic import atomic_path
 from imatch.devices import check_gpus
 from imatch.download import sha256_file
@@ -37,8 +37,11 @@ STATE_FILES = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.j
 FINGERPRINT = "imatch-run.json"
 
 
-def recipe_flags(args) -> list[str]:
-    """The `swift sft` flags of the fine-tuning recipe (paper Sec. 4.1 by default)."""
+def recipe_flags(args, packed: bool = False) -> list[str]:
+    """The `swift sft` flags of the fine-tuning recipe (paper Sec. 4.1 by default). With packed
+    rows (`packed`: prefix sharing) one row holds a per-device batch of answers, so swift's batch
+    is one row and its length limit the sum of the queries' limits."""
+    batch, max_length = (1, args.max_length * args.batch_size) if packed else (args.batch_size, args.max_length)
     flags = [
         "--tuner_type", args.tuner,
         "--freeze_vit", str(not args.train_vit).lower(),
@@ -48,9 +51,9 @@ def recipe_flags(args) -> list[str]:
         "--warmup_ratio", str(args.warmup_ratio),
         "--lr_scheduler_type", args.lr_scheduler,
         "--num_train_epochs", str(args.epochs),
-        "--per_device_train_batch_size", str(args.batch_size),
+        "--per_device_train_batch_size", str(batch),
         "--gradient_accumulation_steps", str(args.grad_accum),
-        "--max_length", str(args.max_length),
+        "--max_length", str(max_length),
         "--seed", str(args.seed),
         "--data_seed", str(args.seed),
         "--save_steps", str(args.save_steps),
@@ -75,18 +78,22 @@ def recipe_flags(args) -> list[str]:
     return flags
 
 
-def swift_command(args, arch: archs.Arch, output_dir: Path, resume: Path | None) -> list[str]:
+def swift_command(args, arch: archs.Arch, output_dir: Path, resume: Path | None, packed: Path | None = None) -> list[str]:
+    """`packed`: the packed training set of prefix sharing (`imatch.prefix`), trained instead of
+    --dataset, with the plug-in that encodes and masks its rows."""
     cmd = [
         # `swift sft` as a module of this Python: works without the console script on PATH, and
         # ms-swift's launcher starts torchrun itself when NPROC_PER_NODE asks for several GPUs
         sys.executable, "-m", "swift.cli.main", "sft",
         "--model", str(args.model), "--model_type", arch.swift_model_type, "--template", arch.swift_template,
-        "--check_model", "false", "--dataset", *map(str, args.dataset), "--split_dataset_ratio", "0",
+        "--check_model", "false", "--dataset", *map(str, [packed] if packed else args.dataset), "--split_dataset_ratio", "0",
         "--strict", "true", "--output_dir", str(output_dir), "--add_version", "false",
         "--report_to", "none", "--dataloader_num_workers", str(args.workers), "--dataset_num_proc", "1",
-        *recipe_flags(args),
+        *recipe_flags(args, packed=packed is not None),
     ]
     plugins, callbacks = [swift_log.__file__, *([arch.plugin] if arch.plugin else [])], []
+    if packed:
+        plugins.append(prefix.__file__)
     if args.varlen:  # the vision tower's attention windows in one kernel (imatch.attention)
         plugins.append(attention.__file__)
         callbacks.append(attention.NAME)
@@ -230,9 +237,15 @@ def train(args) -> dict:
                             max_pixels=args.max_pixels, max_tiles=args.max_tiles)
     print(f"longest query: {longest} tokens (max_length {args.max_length})")
     tiles = arch.tiles_environment(args.max_tiles)  # env: ms-swift's templates read the tile budget there
-    fingerprint = {"command": swift_command(args, arch, args.scratch, None), "data_sha256": data_hash,
+    packed = args.scratch / "packed.jsonl" if args.share_prefix and prefix.shares(args.dataset) else None
+    fingerprint = {"command": swift_command(args, arch, args.scratch, None, packed), "data_sha256": data_hash,
                    "tiles": tiles}
     resume = prepare_scratch(args.scratch, fingerprint)
+    packing = None
+    if packed is not None:  # deterministic: the same bytes on a resume
+        packing = prefix.pack_rows(args.dataset, packed, answers=args.batch_size, seed=args.seed)
+        print(f"prefix sharing: {packing['queries']} queries of {packing['images']} images in {packing['rows']} rows "
+              f"of {args.batch_size} answers, {packing['prefixes_encoded']} prefixes encoded", flush=True)
     done = resume is not None and finished(resume)
     if done:  # a finished run whose output was not written (killed, or a failed copy): nothing to train
         print(f"{resume} is the last step of this run: nothing left to train, making the output from it")
@@ -246,7 +259,7 @@ def train(args) -> dict:
         env["IMATCH_STEP_TIMES"] = str(Path(args.step_times).resolve())
     if args.threads:  # torch's CPU threads in the swift process: the cores this job was given
         env["OMP_NUM_THREADS"] = str(args.threads)
-    cmd = swift_command(args, arch, args.scratch, resume)
+    cmd = swift_command(args, arch, args.scratch, resume, packed)
     start = time.time()
     if not done:
         print("$ " + " ".join(cmd), flush=True)
@@ -283,6 +296,7 @@ def train(args) -> dict:
         "loss_curve": curve,
         "versions": versions(),
         "adapter": (final / "adapter_config.json").is_file(),
+        "prefix_sharing": packing,
         # what every image was reduced to: the template's pixel budget, then at most max_tiles tiles
         "image_budget": {"max_pixels": args.max_pixels or None, "max_tiles": args.max_tiles, "env": tiles},
     }
@@ -320,6 +334,9 @@ def add_recipe_arguments(p) -> None:
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--varlen", action=argparse.BooleanOptionalAction, default=True,
                    help="the vision tower's attention windows in one kernel (imatch.attention), not one call each")
+    g.add_argument("--share-prefix", action=argparse.BooleanOptionalAction, default=False,
+                   help="train the queries of an image in one packed row, its image and prompt encoded once "
+                        "(imatch.prefix; exact; only sets with several queries per image are packed)")
     g.add_argument("--save-steps", type=int, default=200, help="checkpoint interval (resume granularity)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--workers", type=int, default=0, help="dataloader workers")

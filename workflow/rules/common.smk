@@ -321,11 +321,12 @@ def score_flags(wildcards):
     s = score_settings(wildcards.backbone)
     r = {**config["train"], **BACKBONES[wildcards.backbone]["recipe"]}
     compile_flag = "--compile" if s["compile"] else "--no-compile"
+    share_flag = "--share-prefix" if s["share_prefix"] else "--no-share-prefix"
     s = {k: shlex.quote(str(v)) for k, v in s.items()}
     return (
         f"--batch-size {s['batch_size']} --dtype {s['dtype']} --device {s['device']}"
         f" --tau {s['tau']} --max-pixels {r['max_pixels']} --workers {s['workers']}"
-        f" {compile_flag} {tiles_flag(wildcards.backbone)}"
+        f" {compile_flag} {share_flag} {tiles_flag(wildcards.backbone)}"
     )
 
 
