@@ -158,19 +158,22 @@ def test_pack_rows_keeps_answers_per_step_and_every_query(element_set, tmp_path)
 
 @pytest.mark.parametrize("arch", ["qwen2_5_vl", "internvl"])
 def test_swift_sft_trains_packed_rows_like_separate_samples(arch, element_set, backbones, tmp_path, imatch):
-    """`imatch train --share-prefix` against `--no-share-prefix` on the same answers, one batch of
-    all of them: ms-swift logs the same loss and gradient norm at step 1, and the same loss after
-    an optimizer step (the plug-in's mask and positions reach the trainer). A full fine-tune: LoRA's
+    """`imatch train --share-prefix` against `--no-share-prefix` on the same answers, an optimizer
+    step over all of them (unpacked: two accumulated micro-batches; packed: one row): ms-swift logs
+    the same loss and gradient norm at step 1, and the same loss after the step (the plug-in's mask
+    and positions reach the trainer, and a packed row weighs its answers as accumulation does). A full fine-tune: LoRA's
     dropout would draw other masks for other token layouts (the LoRA gradients are compared, without
     dropout, above)."""
     rows = _rows_of_images(element_set[1], 2)
+    rows = rows[:len(rows) // 2 * 2]  # two micro-batches of half of them unpacked, one packed row
     jsonl = tmp_path / "two.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
     logs = {}
     for share in ("--share-prefix", "--no-share-prefix"):
         out, scratch = tmp_path / f"model{share}", tmp_path / f"scratch{share}"
         code, _, err = imatch("train", "--arch", arch, "--model", backbones / arch, "--dataset", jsonl, "--out", out,
-                              "--scratch", scratch, share, "--tuner", "full", "--max-steps", "2", "--batch-size", str(len(rows)),
+                              "--scratch", scratch, share, "--tuner", "full", "--max-steps", "2",
+                              "--batch-size", str(len(rows) // 2), "--grad-accum", "2",
                               "--dtype", "float32", "--max-pixels", str(PIXELS), "--learning-rate", "1e-3",
                               "--warmup-ratio", "0", "--lr-scheduler", "constant", "--keep-scratch", "--threads", "2")
         assert code == 0, err

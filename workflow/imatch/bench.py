@@ -102,6 +102,18 @@ def query_set(work: Path, image_size: int, prompts: int, seed: int) -> pd.DataFr
     return pd.read_parquet(table)
 
 
+def element_set(work: Path, image_size: int, prompts: int, seed: int) -> tuple[pd.DataFrame, Path]:
+    """Element queries (one per image and element, prompt type stated) on demo images: the
+    parquet table and the ms-swift jsonl of the training split."""
+    folder = work / f"queries-{image_size}"
+    query_set(work, image_size, prompts, seed)  # the demo data and its ingested tables
+    table, jsonl = folder / "element-train.parquet", folder / "element-train.jsonl"
+    if not table.is_file():
+        imatch_cli("instructions", "--task", "element", "--split", "train", "--samples", folder / "data/samples.parquet",
+                   "--elements", folder / "data/elements.parquet", "--prompt-type", "--out", table, "--jsonl", jsonl)
+    return pd.read_parquet(table), jsonl
+
+
 def count_flops(model, fn) -> float:
     """FLOPs of fn() by torch's FlopCounterMode, attention counted through the eager (matmul)
     implementation: the counter's sdpa formula rejects grouped-query shapes (torch 2.11)."""
@@ -286,6 +298,50 @@ def bench_scoring(arch, folder, sets, args, device, dtype, peak, report) -> None
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
+def bench_element_scoring(arch, folder, table, args, device, report) -> None:
+    """Element scoring, the workflow's path per query against the same path with the image's
+    prefix shared (`--share-prefix`), same run, same queries: element queries per second and the
+    largest difference of any answer probability (bf16 rounding)."""
+    import torch
+
+    from imatch import score
+
+    model, processor, template = score.load(folder, arch, device=device, dtype=args.dtype,
+                                            max_pixels=args.train_image ** 2)
+    answer_ids = score.answer_token_ids(processor.tokenizer, levels.ELEMENT_DIGITS)
+    images, queries = list(table["image"]), list(table["query"])
+    per_image = len(table) / table["img_path"].nunique()
+    compiled = False
+    for use_compile in ([False, True] if args.compile else [False]):
+        if use_compile and not compiled:
+            print(f"compiled {score.compile_layers(model)} blocks", flush=True)
+            compiled = True
+        probs = {}
+        for share, batch in ((False, args.element_batch), (True, args.element_image_batch)):
+            run = lambda n=None: score.score_probs(model, template, images[:n], queries[:n], answer_ids,  # noqa: E731
+                                                   batch_size=batch, workers=args.workers, share_prefix=share)
+            run(int(3 * batch * (per_image if share else 1)))  # warm-up (and compilation)
+            _peak_memory(device, reset=True)
+            gaps = score.GpuGaps(device)
+            p, seconds = timed(lambda: score.score_probs(model, template, images, queries, answer_ids, batch_size=batch,
+                                                         workers=args.workers, share_prefix=share, gaps=gaps), device)
+            probs[share] = p
+            row = {"arch": arch.name, "stage": "element-score", "path": "shared prefix" if share else "per query",
+                   "variant": ("score-set --share-prefix (batch = images)" if share else "score-set")
+                   + (" --compile" if use_compile else ""),
+                   "image": args.train_image, "batch": batch, "items": len(queries), "seconds": round(seconds, 3),
+                   "per_second": len(queries) / seconds, "peak_memory_gib": _peak_memory(device),
+                   "gpu_idle_fraction": gaps.summary()["idle_fraction"], "elements_per_image": round(per_image, 2)}
+            if share:
+                base = next(r for r in report.rows if r["stage"] == "element-score" and r["path"] == "per query"
+                            and r["variant"].endswith("--compile") == use_compile)
+                row["speedup"] = row["per_second"] / base["per_second"]
+                row["max_abs_prob_diff"] = float(np.abs(p - probs[False]).max())
+            report(row)
+    del model
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+
 def profile(model, template, images, queries, answer_ids, batch, device, path: Path) -> None:
     """Where a scoring batch's time goes: torch.profiler's table of the heaviest operations (by
     device time and by host time) and a Chrome trace (gzip) of one batch."""
@@ -450,6 +506,10 @@ def workflow_training(arch, folder, jsonl, naive, args, work, variant: dict) -> 
         cmd.append("--no-gradient-checkpointing")
     if variant.get("varlen") is False:
         cmd.append("--no-varlen")
+    if variant.get("share"):
+        cmd.append("--share-prefix")
+    accum = variant.get("accum", 1)
+    cmd += ["--grad-accum", accum]
     if args.device == "cpu":
         cmd += ["--tuner", "full"]  # tiny random models: the CPU recipe
     start = time.time()
@@ -459,10 +519,10 @@ def workflow_training(arch, folder, jsonl, naive, args, work, variant: dict) -> 
     memory = next((x["peak_memory_gib"] for x in lines if "peak_memory_gib" in x), None)
     compute = sum(x["step_seconds"] for x in steps)
     wait = sum(x["wait_seconds"] or 0 for x in steps)
-    per_second = batch * len(steps) / (compute + wait)
+    per_second = batch * accum * len(steps) / (compute + wait)  # samples (answers) per second
     flops = naive["tflop_per_item"] * 1e12
     return {"arch": arch.name, "stage": "train", "path": "workflow", "image": args.train_image, "batch": batch,
-            "tokens": naive["tokens"], "items": batch * len(steps), "seconds": round(compute + wait, 3),
+            "tokens": naive["tokens"], "items": batch * accum * len(steps), "seconds": round(compute + wait, 3),
             "per_second": per_second, "tflop_per_item": flops / 1e12, "tflops": per_second * flops / 1e12,
             "pct_peak": 100 * per_second * flops / 1e12 / args.peak, "peak_memory_gib": memory,
             "gpu_idle_fraction": wait / (compute + wait), "speedup": per_second / naive["per_second"],
@@ -533,9 +593,26 @@ def run(args) -> dict:
 
             tiny_backbone(name, folder, size=size, seed=0)
         sets = {s: query_set(work, s, args.prompts, seed=0).head(args.query_counts[s]) for s in args.batch_sizes}
-        report = lambda row: (rows.append(row), print(row, flush=True), save(args.out, meta, rows))  # noqa: E731
+        report = Reporter(rows, args.out, meta)
         if "score" in args.stages:
             bench_scoring(arch, folder, sets, args, device, dtype, peak, report)
+        if "element-score" in args.stages:
+            table, _ = element_set(work, args.train_image, args.prompts, seed=0)
+            bench_element_scoring(arch, folder, table.head(args.element_queries), args, device, report)
+        if "element-train" in args.stages:
+            _, jsonl = element_set(work, args.train_image, args.prompts, seed=0)
+            naive = {"tflop_per_item": float("nan"), "tokens": None, "per_second": float("nan")}
+            for variant in args.train_variants:
+                try:
+                    row = workflow_training(arch, folder, jsonl, naive, args, work, json.loads(variant))
+                except subprocess.CalledProcessError as exc:
+                    row = {"arch": arch.name, "path": "workflow", "variant": f"{variant}: failed ({exc})"}
+                row.update(stage="element-train", tflops=None, pct_peak=None, speedup=None, tflop_per_item=None)
+                base = next((r for r in rows if r.get("stage") == "element-train" and r.get("per_second")
+                             and "share=True" not in r["variant"]), None)
+                if base and row.get("per_second") and "share=True" in row["variant"]:
+                    row["speedup"] = row["per_second"] / base["per_second"]
+                report(row)
         if "budget" in args.stages:
             bench_budget(arch, folder, args, device, peak, report)
         if "train" in args.stages:
@@ -556,6 +633,18 @@ def run(args) -> dict:
     return {"meta": meta, "rows": rows}
 
 
+class Reporter:
+    """Keeps each measurement, prints it and saves the tables (callable with a row)."""
+
+    def __init__(self, rows: list[dict], out: Path, meta: dict):
+        self.rows, self.out, self.meta = rows, out, meta
+
+    def __call__(self, row: dict) -> None:
+        self.rows.append(row)
+        print(row, flush=True)
+        save(self.out, self.meta, self.rows)
+
+
 def save(out: Path, meta: dict, rows: list[dict]) -> None:
     """Written after every measurement: a run cut short keeps what it measured."""
     with atomic_path(out / "bench.json") as tmp:
@@ -569,7 +658,8 @@ def add_parser(subparsers) -> None:
                               description=__doc__)
     p.add_argument("--arch", nargs="+", default=["qwen2_5_vl"], help="qwen2_5_vl, internvl, ovis2")
     p.add_argument("--size", help="backbone size (default: the real one, 7b / 8b; `tiny` to test on a CPU)")
-    p.add_argument("--stages", nargs="+", default=["score", "train"], choices=["score", "train", "budget"],
+    p.add_argument("--stages", nargs="+", default=["score", "train"],
+                   choices=["score", "train", "budget", "element-score", "element-train"],
                    help="budget: tokens and images/s of each image budget (--budget-tiles) on T2I image shapes")
     p.add_argument("--budget-pixels", type=int, default=200704, help="the template's pixel budget (paper: 200704)")
     p.add_argument("--budget-tiles", nargs="+", default=["1", "4", "9", "12"],
@@ -587,6 +677,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--train-steps", type=int, default=10, help="measured steps (after warm-up steps)")
     p.add_argument("--train-variants", nargs="*", default=['{"ckpt": false}'],
                    help='`imatch train` variants as JSON, e.g. {"ckpt": false, "batch": 32} {"varlen": false}')
+    p.add_argument("--element-queries", type=int, default=512, help="element queries scored (element-score)")
+    p.add_argument("--element-batch", type=int, default=64, help="element-score: queries per batch, per query")
+    p.add_argument("--element-image-batch", type=int, default=16,
+                   help="element-score: images per batch with shared prefixes")
     p.add_argument("--workers", type=int, default=4, help="data workers of the workflow's paths")
     p.add_argument("--compile", action="store_true", help="also score with every transformer block torch.compile'd")
     p.add_argument("--profile", action="store_true", help="also write torch.profiler tables of the workflow's scoring")

@@ -265,6 +265,7 @@ def _shared_answer_logits(model, template, images, queries, answer_ids, *, batch
     keep_ok = bool(_answer_logits_only(model))
     out = np.empty((len(queries), len(answer_ids)))
     ids = torch.tensor(answer_ids, device=device)
+    done = []
     with torch.inference_mode():
         for batch in tqdm(batches, desc=desc, unit="batch", mininterval=5):
             rows = [next(encoded) for _ in batch]
@@ -275,13 +276,14 @@ def _shared_answer_logits(model, template, images, queries, answer_ids, *, batch
             _, kwargs = template.pre_forward_hook(model, None, _to_device(collated, device))
             logits = model(**kwargs, **({"logits_to_keep": width} if keep_ok else {})).logits[:, -width:, :]
             picked = logits[:, :, ids].float()
-            picked = torch.softmax(picked, dim=-1) if softmax else picked
-            picked = picked.cpu().numpy()
+            done.append((batch, width, torch.softmax(picked, dim=-1) if softmax else picked))  # no sync per batch
             if gaps is not None:
                 gaps.mark()
-            for r, g in enumerate(batch):
-                n = len(groups[g][1])
-                out[members[groups[g][0]]] = picked[r, width - n:]
+    for batch, width, picked in done:
+        picked = picked.cpu().numpy()
+        for r, g in enumerate(batch):
+            n = len(groups[g][1])
+            out[members[groups[g][0]]] = picked[r, width - n:]
     return out
 
 

@@ -37,11 +37,20 @@ STATE_FILES = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.j
 FINGERPRINT = "imatch-run.json"
 
 
+def answers_per_row(args) -> int:
+    """Element answers in one packed row: what one device trains on per optimizer step."""
+    return args.batch_size * args.grad_accum
+
+
 def recipe_flags(args, packed: bool = False) -> list[str]:
     """The `swift sft` flags of the fine-tuning recipe (paper Sec. 4.1 by default). With packed
-    rows (`packed`: prefix sharing) one row holds a per-device batch of answers, so swift's batch
-    is one row and its length limit the sum of the queries' limits."""
-    batch, max_length = (1, args.max_length * args.batch_size) if packed else (args.batch_size, args.max_length)
+    rows (`packed`: prefix sharing) one row holds all the answers a device trains on in an
+    optimizer step (batch_size x grad_accum: the same loss, the mean over those answers, and the
+    same step), so swift's batch is one row, without accumulation, and its length limit the sum
+    of the queries' limits."""
+    batch, accum, max_length = args.batch_size, args.grad_accum, args.max_length
+    if packed:
+        batch, accum, max_length = 1, 1, args.max_length * answers_per_row(args)
     flags = [
         "--tuner_type", args.tuner,
         "--freeze_vit", str(not args.train_vit).lower(),
@@ -52,7 +61,7 @@ def recipe_flags(args, packed: bool = False) -> list[str]:
         "--lr_scheduler_type", args.lr_scheduler,
         "--num_train_epochs", str(args.epochs),
         "--per_device_train_batch_size", str(batch),
-        "--gradient_accumulation_steps", str(args.grad_accum),
+        "--gradient_accumulation_steps", str(accum),
         "--max_length", str(max_length),
         "--seed", str(args.seed),
         "--data_seed", str(args.seed),
@@ -243,9 +252,9 @@ def train(args) -> dict:
     resume = prepare_scratch(args.scratch, fingerprint)
     packing = None
     if packed is not None:  # deterministic: the same bytes on a resume
-        packing = prefix.pack_rows(args.dataset, packed, answers=args.batch_size, seed=args.seed)
+        packing = prefix.pack_rows(args.dataset, packed, answers=answers_per_row(args), seed=args.seed)
         print(f"prefix sharing: {packing['queries']} queries of {packing['images']} images in {packing['rows']} rows "
-              f"of {args.batch_size} answers, {packing['prefixes_encoded']} prefixes encoded", flush=True)
+              f"of {answers_per_row(args)} answers, {packing['prefixes_encoded']} prefixes encoded", flush=True)
     done = resume is not None and finished(resume)
     if done:  # a finished run whose output was not written (killed, or a failed copy): nothing to train
         print(f"{resume} is the last step of this run: nothing left to train, making the output from it")
