@@ -74,6 +74,7 @@ def check_names(config: dict) -> None:
                               "ovis2); Qwen2.5-VL's image budget is train.max_pixels")
     lists = {"ensemble.overall": config["ensemble"]["overall"], "ensemble.element": config["ensemble"]["element"],
              "pseudo_labels.from": config["pseudo_labels"]["from"],
+             "pseudo_labels.element_from": config["pseudo_labels"].get("element_from"),
              "element_levels.from": config.get("element_levels", {}).get("from", []),
              "ablation.backbones": config.get("ablation", {}).get("backbones", [])}
     for key, values in lists.items():

@@ -124,9 +124,13 @@ def ingest_options(wildcards, input):
 
 def all_targets():
     targets = [f"{RESULTS}/metrics/summary.tsv", *instruction_targets()]
-    for name in BACKBONES:
-        for task in ("overall", "element"):
-            targets.append(f"{RESULTS}/models/{name}/{task}-{FINAL}")
+    # the final models the predictors use (not every backbone x task: a 34B element model
+    # that no predictor uses would cost ~11 GPU-hours)
+    targets += [
+        f"{RESULTS}/models/{b}/{task}-{r}"
+        for b, task, r in needed_models()
+        if r == FINAL
+    ]
     for split in config["evaluate"]["splits"]:
         targets += [
             f"{RESULTS}/report/scatter_{split}.png",
@@ -516,8 +520,7 @@ def model_predictor(name):
         e = config["ensemble"]
         return FINAL, members(e["overall"]), members(e["element"]), blank, e["weights"]
     if base == "ensemble-r1":
-        names = members(config["pseudo_labels"]["from"])
-        return "r1", names, names, blank, "mean"
+        return "r1", *pseudo_label_backbones(), blank, "mean"
     raise ValueError(f"unknown predictor {name!r}")
 
 
@@ -595,14 +598,40 @@ def report_element_predictions(wildcards):
     ]
 
 
-def training_records(wildcards):
+def pseudo_label_backbones():
+    """(overall, element) backbones whose round-1 models label val for round 2."""
+    p = config["pseudo_labels"]
+    overall = members(p["from"])
+    return overall, overall if p["element_from"] is None else members(p["element_from"])
+
+
+def needed_models():
+    """(backbone, task, round) of every model the targets use: the evaluated and submitted
+    predictors', the ensembles that pseudo-label val for the next round, and the element models
+    that state element levels in overall queries of a round."""
     rounds = [f"r{r}" for r in range(1, config["rounds"] + 1)]
-    return [
-        f"{RESULTS}/models/{b}/{task}-{r}"
-        for b in BACKBONES
-        for task in ("overall", "element")
-        for r in rounds
-    ]
+    names = {*predictors(), config["submission"]["predictor"]} - set(BASELINES)
+    models = set()
+    for name in names:
+        round_, overall, element, _, _ = model_predictor(name)
+        models |= {(b, "overall", round_) for b in overall}
+        models |= {(b, "element", round_) for b in element}
+    for r in rounds[:-1]:
+        overall, element = pseudo_label_backbones()
+        models |= {(b, "overall", r) for b in overall} | {
+            (b, "element", r) for b in element
+        }
+    if uses_levels():
+        used = {r for _, _, r in models}
+        models |= {(b, "element", r) for b in level_backbones() for r in used}
+    return sorted(models)
+
+
+def training_records(wildcards):
+    """The training records the curves plot shows: of the models the targets use (every
+    backbone x task x round would train models nothing else needs, e.g. a 34B element model).
+    """
+    return [f"{RESULTS}/models/{b}/{task}-{r}" for b, task, r in needed_models()]
 
 
 # ---- ablation rows (paper Tables 4 and 5; rules in ablation.smk) ----------------------------
