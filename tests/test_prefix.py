@@ -134,6 +134,32 @@ def test_shared_prefix_scoring_equals_per_element_scoring(arch, element_set, bac
     assert np.abs(alone - alone[::-1]).max() > 1e-3  # the order matters: answers differ between queries
 
 
+
+def test_grey_images_are_packed_per_image_run_and_capped(element_set, backbones, tmp_path, monkeypatch):
+    """The blank view: every image of a size becomes one grey file. Queries are packed by runs of
+    the same image file in the set's order, at most MAX_PACKED a row, never a whole split in one
+    row; the probabilities equal per-query scoring (prompts that differ are simply not shared)."""
+    from imatch import score
+
+    spec = archs.get("internvl")
+    os.environ.update(spec.swift_environment(PIXELS, None))
+    model, processor, template = score.load(backbones / "internvl", spec, device="cpu", dtype="float32",
+                                            max_pixels=PIXELS)
+    table = pd.read_parquet(element_set[0]).head(40)
+    cache = {"_dir": str(tmp_path)}
+    greys = [score._blank(p, cache) for p in table["image"]]
+    assert len(set(greys)) == 1 < table["img_path"].nunique()
+    ids = score.answer_token_ids(processor.tokenizer, levels.ELEMENT_DIGITS)
+    rows = []
+    real_pack = prefix.pack
+    monkeypatch.setattr(prefix, "pack", lambda enc, imgs, **kw: rows.append(len(enc)) or real_pack(enc, imgs, **kw))
+    monkeypatch.setattr(score, "MAX_PACKED", 3)
+    shared = score.score_probs(model, template, greys, list(table["query"]), ids, batch_size=4, share_prefix=True)
+    alone = score.score_probs(model, template, greys, list(table["query"]), ids, batch_size=16)
+    assert np.abs(shared - alone).max() < 1e-5
+    assert sum(rows) == len(table) and max(rows) == 3 and len(rows) == -(-40 // 3)
+
+
 def test_pack_rows_keeps_answers_per_step_and_every_query(element_set, tmp_path):
     """Rows of exactly `answers` queries (the last one the rest), each image's queries consecutive,
     every query exactly once, seeded: the same bytes twice, another order with another seed."""

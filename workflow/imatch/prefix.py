@@ -258,10 +258,17 @@ def pack_rows(datasets: list[Path], out: Path, *, answers: int, seed: int) -> di
 def install() -> None:
     """Route ms-swift's `Template.encode` and `Template.data_collator` through the packing above
     (packed rows and batches only; everything else as before). Idempotent."""
+    import multiprocessing
+    import sys
+
     from swift.template import Template
 
     if getattr(Template, "_imatch_prefix", False):
         return
+    if sys.platform.startswith("linux"):
+        # dataloader workers must inherit these methods: a spawned or forkserver worker imports
+        # ms-swift afresh and would encode a packed row as a multi-turn chat, silently
+        multiprocessing.set_start_method("fork", force=True)
     encode, data_collator = Template.encode, Template.data_collator
 
     def packed_encode(self, inputs, return_template_inputs=False, return_length=False):

@@ -217,6 +217,9 @@ def score_probs(model, template, images: list[str], queries: list[str], answer_i
                          bucket=bucket, desc=desc, gaps=gaps, softmax=True, share_prefix=share_prefix)
 
 
+MAX_PACKED = 64  # queries in one packed scoring row
+
+
 class _Packed:
     """The queries of each image, encoded one by one by the template and packed into one row
     (`imatch.prefix.pack`, the tokens that predict the answers at the end of the row)."""
@@ -248,15 +251,18 @@ def _shared_answer_logits(model, template, images, queries, answer_ids, *, batch
 
     from imatch import prefix
 
-    members: dict[str, list[int]] = {}
+    # runs of consecutive queries on one image (a set lists an image's elements together), at most
+    # MAX_PACKED a row: grey stand-ins share one file per image size, and must not pack a whole split
+    runs: list[list[int]] = []
     for i, image in enumerate(images):
-        members.setdefault(image, []).append(i)
-    keys = list(members)
-    if bucket:  # by image area, then the text of the image's longest query
-        first = [members[k][0] for k in keys]
-        longest = [max(members[k], key=lambda i: len(queries[i])) for k in keys]
-        keys = [keys[j] for j in length_order([images[i] for i in first], [queries[i] for i in longest])]
-    groups = [(k, [queries[i] for i in members[k]]) for k in keys]
+        if runs and images[runs[-1][-1]] == image and len(runs[-1]) < MAX_PACKED:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    if bucket:  # by image area, then the text of the run's longest query
+        longest = [max(run, key=lambda i: len(queries[i])) for run in runs]
+        runs = [runs[j] for j in length_order([images[run[0]] for run in runs], [queries[i] for i in longest])]
+    groups = [(images[run[0]], [queries[i] for i in run]) for run in runs]
     batches = [list(range(lo, min(lo + batch_size, len(groups)))) for lo in range(0, len(groups), batch_size)]
     ahead = -(-2 * batch_size // workers) if workers else None
     encoded = iter(DataLoader(_Packed(template, groups), batch_size=None, num_workers=workers, prefetch_factor=ahead,
@@ -282,8 +288,7 @@ def _shared_answer_logits(model, template, images, queries, answer_ids, *, batch
     for batch, width, picked in done:
         picked = picked.cpu().numpy()
         for r, g in enumerate(batch):
-            n = len(groups[g][1])
-            out[members[groups[g][0]]] = picked[r, width - n:]
+            out[runs[g]] = picked[r, width - len(runs[g]):]
     return out
 
 
