@@ -46,7 +46,7 @@ def test_the_demo_jobs_are_costed_from_counts_rates_and_the_recipe(tmp_path, ima
         assert work[(b, "overall", "r1")] == 40 and work[(b, "element", "r1")] == 80
         assert work[(b, "overall", "r2")] == 20 + 40 + 10 + 20 + 40 and work[(b, "element", "r2")] == 2 * 130
     total = sum(j["hours"] for j in jobs)
-    assert f"in all: **{total:.1f} GPU-hours**" in text
+    assert f"in all: **{total:.2f} GPU-hours**" in text
 
 
 def test_a_missing_rate_or_count_is_named(tmp_path, imatch):
@@ -74,3 +74,20 @@ def test_the_committed_h200_rates_are_the_committed_benchmarks():
     assert all(f.is_file() for f in files)
     qwen = committed["archs"]["qwen2_5_vl"]
     assert qwen["train_shared"]["per_second"] > 1.8 * qwen["train"]["per_second"]
+
+
+def test_the_gpu_check_config_plans_the_real_fast_paths(tmp_path, imatch):
+    """config/gpu-check.yaml (the whole workflow on one GPU): two rounds of one real-size random
+    backbone, every training and scoring job with the real config's fast paths."""
+    out = tmp_path / "cost.md"
+    code, text, err = imatch("cost", REPO / "config" / "gpu-check.yaml", "--rates", REPO / "benchmarks" / "rates-h200.json",
+                             "--counts", "train=216", "holdout=24", "val=40", "test=20", "--elements-per-image", "4",
+                             "--workdir", REPO, "--out", out)
+    assert code == 0, err
+    jobs = json.loads(out.with_suffix(".json").read_text())
+    assert sorted((j["stage"], j["task"], j["round"]) for j in jobs) == sorted(
+        itertools.product(["train", "score"], ["overall", "element"], ["r1", "r2"]))
+    rates = json.loads((REPO / "benchmarks" / "rates-h200.json").read_text())["archs"]["qwen2_5_vl"]
+    for j in jobs:  # no checkpointing, shared element prefixes: the measured rates of those paths
+        kind = {"train": "train", "score": "score"}[j["stage"]] + ("_shared" if j["task"] == "element" else "")
+        assert j["per_second"] == rates[kind]["per_second"], j

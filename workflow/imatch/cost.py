@@ -123,7 +123,8 @@ class Counts:
         return n * (self.elements if task == "element" else 1)
 
 
-def estimate(commands: list[list[str]], config: dict, counts: Counts, rates: dict) -> pd.DataFrame:
+def estimate(commands: list[list[str]], config: dict, counts: Counts, rates: dict, startup: float = 0.0) -> pd.DataFrame:
+    """One row per job: its work, the rate it is charged, GPU-hours (+ `startup` seconds a job)."""
     from imatch.cli import build_parser
 
     parser = build_parser()
@@ -159,7 +160,7 @@ def estimate(commands: list[list[str]], config: dict, counts: Counts, rates: dic
             note = "; ".join(filter(None, [note, f"charged x{scale:.2f} by parameter count (estimate)"]))
         rows.append({"stage": stage, "backbone": backbone, "task": task, "round": round_, "work": work,
                      "per_second": rate["per_second"], "scale": scale,
-                     "hours": work / rate["per_second"] * scale / 3600, "note": note})
+                     "hours": (work / rate["per_second"] * scale + startup) / 3600, "note": note})
     return pd.DataFrame(rows)
 
 
@@ -177,8 +178,8 @@ def markdown(table: pd.DataFrame, header: str) -> str:
         lines.append(f"| {r.stage} | {r.backbone} | {r.task} | {r.round} | {r.jobs} | {r.work:,.0f} | {r.per_second:g} "
                      f"| {r.hours:.2f} | {r.note} |")
     by_stage = table.groupby("stage")["hours"].sum()
-    lines += ["", " · ".join(f"{stage}: **{hours:.1f}** GPU-hours" for stage, hours in by_stage.items())
-              + f" · in all: **{table['hours'].sum():.1f} GPU-hours**"]
+    lines += ["", " · ".join(f"{stage}: **{hours:.2f}** GPU-hours" for stage, hours in by_stage.items())
+              + f" · in all: **{table['hours'].sum():.2f} GPU-hours**"]
     return "\n".join(lines) + "\n"
 
 
@@ -201,6 +202,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--data", type=Path, help="an ingest output folder: images per split and elements per image")
     p.add_argument("--counts", nargs="*", default=[], help="images per split, e.g. train=31080 holdout=1637 val=10000 test=5000")
     p.add_argument("--elements-per-image", type=float, help="element queries per image (default: from --data)")
+    p.add_argument("--startup-seconds", type=float, default=0.0,
+                   help="GPU seconds each job spends before its work (imports, model loading, compilation; "
+                        "~100 s for a 7B on an H200 as `imatch bench` measured it); default 0: the work alone")
     p.add_argument("--workdir", type=Path, default=Path("."), help="the workflow's folder (default: .)")
     p.add_argument("--out", type=Path, help="also write the table (markdown) and the jobs (JSON beside it) here")
     p.set_defaults(func=_run)
@@ -238,10 +242,10 @@ def _run(args) -> int:
     aug = config["instructions"]["image_augmentation"]["fraction"]
     augmented = {task: aug if config["instructions"][task]["image_augmentation"] else 0.0 for task in ("overall", "element")}
     commands = planned_commands(args.configs, args.workdir)
-    jobs = estimate(commands, config, Counts(images, per_image, augmented), rates)
+    jobs = estimate(commands, config, Counts(images, per_image, augmented), rates, startup=args.startup_seconds)
     table = summarise(jobs)
     header = (f"GPU-hours on one {rates.get('gpu')} per job, from measured rates; images per split {images}, "
-              f"{per_image:g} elements per image, augmented fraction {augmented}; configs: "
+              f"{per_image:g} elements per image, augmented fraction {augmented}, {args.startup_seconds:g} s start-up a job; configs: "
               + " + ".join(str(c) for c in ["config/config.yaml", *args.configs]))
     text = markdown(table, header)
     print(text)
