@@ -16,6 +16,7 @@ hit) and `summary.html` (self-contained: thumbnails embedded, sortable). The sco
 
 from __future__ import annotations
 
+import argparse
 import base64
 import html
 import io
@@ -53,7 +54,7 @@ def read_prompts(path: Path) -> pd.DataFrame:
 
 
 def score_files(images: Path, prompts: Path, models: Path, *, device: str = "auto", dtype: str | None = None,
-                batch_size: int = 8, verbose: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+                batch_size: int = 8, verbose: bool = False, share_prefix: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(scores, elements) of a prompts file; the inputs are checked before the models load."""
     from imatch.scorer import Scorer, check_inputs
 
@@ -64,7 +65,7 @@ def score_files(images: Path, prompts: Path, models: Path, *, device: str = "aut
     samples, element_rows = check_inputs(paths, table["prompt"].tolist(),
                                          table["elements"].tolist() if "elements" in table else None,
                                          prompt_types=types, metadata=metadata, label=str(prompts))
-    scorer = Scorer(models, device=device, dtype=dtype, batch_size=batch_size, verbose=verbose)
+    scorer = Scorer(models, device=device, dtype=dtype, batch_size=batch_size, verbose=verbose, share_prefix=share_prefix)
     result = scorer.score(samples, element_rows, images=paths)
     scores = table.copy()
     scores["total_score"] = result["total_score"].to_numpy()
@@ -135,13 +136,16 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                    help="model precision (default: bfloat16 on a GPU, float32 on the CPU)")
     p.add_argument("--batch-size", type=int, default=8, help="queries per forward pass (default: %(default)s)")
+    p.add_argument("--share-prefix", action=argparse.BooleanOptionalAction, default=True,
+                   help="element queries of an image in one packed sequence, its image and prompt encoded once "
+                        "(the same probabilities; --batch-size then counts images for them)")
     p.add_argument("-v", "--verbose", action="store_true", help="show ms-swift's and transformers' logs")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
     scores, elements = score_files(args.images, args.prompts, args.models, device=args.device, dtype=args.dtype,
-                                   batch_size=args.batch_size, verbose=args.verbose)
+                                   batch_size=args.batch_size, verbose=args.verbose, share_prefix=args.share_prefix)
     with atomic_path(args.out, directory=True) as tmp:  # no file of an earlier run survives
         scores.to_csv(tmp / "scores.csv", index=False)
         elements.to_csv(tmp / "elements.csv", index=False)

@@ -141,14 +141,17 @@ def _no_video_hint(record: logging.LogRecord) -> bool:
 
 class Scorer:
     """A trained iMatch ensemble, loaded once, called on images and prompts. `verbose=False`
-    quiets ms-swift's and transformers' INFO logs (and torch's FutureWarnings) in this process."""
+    quiets ms-swift's and transformers' INFO logs (and torch's FutureWarnings) in this process.
+    `share_prefix`: an image's element queries in one packed sequence, its image and prompt encoded
+    once (`imatch.prefix`: the same probabilities; `batch_size` then counts images for them)."""
 
     def __init__(self, source, *, device: str = "auto", dtype: str | None = None, batch_size: int = 8,
-                 keep_models: bool = True, verbose: bool = False):
+                 keep_models: bool = True, verbose: bool = False, share_prefix: bool = True):
         self.bundle = bundle.load(Path(source))
         self.device = pick_device(device)
         self.dtype = dtype or ("bfloat16" if self.device.startswith("cuda") else "float32")
         self.batch_size = batch_size
+        self.share_prefix = share_prefix  # element queries of an image in one packed row (exact)
         self.keep_models = keep_models
         self.tau = float(self.bundle["tau"])
         self._loaded: dict[str, tuple] = {}
@@ -219,7 +222,8 @@ class Scorer:
         model, processor, template = self._model(name)
         self._environment(m)
         try:
-            out = score_table(table, model, processor, template, task=task, batch_size=self.batch_size, tau=self.tau)
+            out = score_table(table, model, processor, template, task=task, batch_size=self.batch_size, tau=self.tau,
+                              share_prefix=self.share_prefix)
         except ScoringError as exc:  # a diverged model: named, with the caller's image, nothing returned
             names = dict(zip(table["img_path"], table["image"]))
             message = re.sub(r"row-(\d{7})", lambda k: f"row {int(k[1])} ({names.get(k[0], '?')})", str(exc))
