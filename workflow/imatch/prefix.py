@@ -14,15 +14,14 @@ shared prefix is their longest common run of token ids (never past the first lab
 the same tokens at the same positions in every sample.
 Position ids come from the template's own computation on one "virtual" sample per image (the
 prefix and the longest suffix): a suffix token at index i of its sample gets the virtual
-sample's position at index i. The image sits in the prefix (the queries start with it); an image
-token in a suffix would leave the model more image tokens than image features, which the models
-refuse.
+sample's position at index i. The queries put the image first (`imatch.prompts`), so its tokens
+lie in the shared prefix and its tensors are taken once per image.
 
 Used by `imatch train --share-prefix` (a `swift sft` plug-in: a training row whose user turns are
 the queries of one or more images, one image path per turn, is packed by `encode`; batches of
 packed rows get their masks in `data_collator`) and by `imatch score-set --share-prefix` (one
-packed row per image, the tokens that predict the answers moved to the end, so the logits are
-taken there only).
+packed row per run of queries on one image file, at most 64, the tokens that predict the answers
+moved to the end, so the logits are taken there only).
 """
 
 from __future__ import annotations
@@ -90,7 +89,7 @@ def pack(encodings: list[dict], images: list[str], *, answers_last: bool = False
     out, seg, branch, logical = {key: [] for key in keys}, [], [], []
     for s, b, e, a, z in chunks + tail:
         for key in keys:
-            out[key].append(e[key][a:z] if not isinstance(e[key], tuple) else list(e[key][a:z]))
+            out[key].append(e[key][a:z])
         seg += [s] * (z - a)
         branch += [b] * (z - a)
         logical += range(a, z)
@@ -117,9 +116,9 @@ def _shared_length(group: list[dict]) -> int:
     return n
 
 
-def encode_row(template, row: dict, encode) -> dict | list:
+def encode_row(template, row: dict, encode) -> dict | None:
     """`template.encode` of a training row: a packed row (see `separate`) is encoded query by
-    query with `encode` (ms-swift's own) and packed; any other row as ms-swift does."""
+    query with `encode` (ms-swift's own) and packed; None for any other row (ms-swift's to encode)."""
     queries = separate(row if isinstance(row, dict) else {})
     if queries is None:
         return None
