@@ -32,6 +32,21 @@ def test_full_run_produces_metrics_and_submission(workflow):
     assert all((wd / "results" / "logs" / f).is_file() for f in ("demo_data.log", "ingest.log", "metrics_summary.log"))
 
 
+def test_every_job_leaves_a_log_and_a_benchmark_file(workflow):
+    """Snakemake's benchmark file (wall time, memory) beside every job's log: on a cluster they
+    give each stage's cost (`imatch cost` charges rates; these are what the jobs took)."""
+    wd, _ = workflow
+    logs = sorted((wd / "results" / "logs").rglob("*.log"))
+    assert len(logs) > 60
+    for log in logs:
+        bench = wd / "results" / "benchmarks" / log.relative_to(wd / "results" / "logs").with_suffix(".tsv")
+        assert bench.is_file(), bench
+        row = pd.read_csv(bench, sep="\t").iloc[0]
+        assert {"s", "max_rss", "cpu_time"} <= set(row.index), bench
+        if log.parent.name in ("train", "score"):  # seconds at least: swift's start-up alone takes that
+            assert row["s"] > 1, bench
+
+
 def test_the_tree_just_made_audits_clean_also_copied_and_damage_is_named(workflow, tmp_path):
     """`imatch audit` reported 18 problems on a fresh tree (79 on a copy): Snakemake's
     .snakemake_timestamp files, folder mtimes, stages writing into another's folder. Now a fresh

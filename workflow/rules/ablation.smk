@@ -37,6 +37,8 @@ use rule gather_scores as ablation_gather_scores with:
         f"{RESULTS}/ablation/scores/{{backbone}}/{{variant}}-{{round}}/scores.parquet",
     log:
         f"{RESULTS}/logs/ablation/score/{{backbone}}_{{variant}}-{{round}}.gather.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/ablation/score/{{backbone}}_{{variant}}-{{round}}.gather.tsv"
 
 
 rule ablation_table:
@@ -53,6 +55,8 @@ rule ablation_table:
         ),
     log:
         f"{RESULTS}/logs/ablation/table_{{task}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/ablation/table_{{task}}.tsv"
     conda:
         "../../envs/imatch.yaml"
     resources:

@@ -11,6 +11,8 @@ rule baseline:
         elements=f"{RESULTS}/predictions/{{baseline}}/{{split}}/element_predictions.parquet",
     log:
         f"{RESULTS}/logs/baseline/{{baseline}}_{{split}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/baseline/{{baseline}}_{{split}}.tsv"
     conda:
         "../../envs/imatch.yaml"
     resources:

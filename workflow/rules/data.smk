@@ -12,6 +12,8 @@ rule demo_data:
         directory(f"{RESULTS}/demo/source"),
     log:
         f"{RESULTS}/logs/demo_data.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/demo_data.tsv"
     conda:
         "../../envs/imatch.yaml"
     resources:
@@ -38,6 +40,8 @@ rule download:
         f"{config['hub']['dir']}/manifest.json",
     log:
         f"{RESULTS}/logs/download.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/download.tsv"
     conda:
         "../../envs/imatch.yaml"
     resources:
@@ -62,6 +66,8 @@ rule ingest:
         summary=f"{RESULTS}/data/ingest_summary.json",
     log:
         f"{RESULTS}/logs/ingest.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/ingest.tsv"
     conda:
         "../../envs/imatch.yaml"
     resources:

@@ -10,6 +10,8 @@ rule ground_truth:
         f"{RESULTS}/data/ground_truth/{{split}}.json",
     log:
         f"{RESULTS}/logs/ground_truth/{{split}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/ground_truth/{{split}}.tsv"
     conda:
         "../../envs/imatch.yaml"
     resources:
@@ -31,6 +33,8 @@ rule submission:
         f"{RESULTS}/predictions/{{predictor}}/{{split}}/submission.zip",
     log:
         f"{RESULTS}/logs/submission/{{predictor}}_{{split}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/submission/{{predictor}}_{{split}}.tsv"
     conda:
         "../../envs/imatch.yaml"
     resources:
@@ -61,6 +65,8 @@ rule evaluate:
         f"{RESULTS}/metrics/{{split}}.json",
     log:
         f"{RESULTS}/logs/evaluate/{{split}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate/{{split}}.tsv"
     conda:
         "../../envs/imatch.yaml"
     resources:
@@ -87,6 +93,8 @@ rule metrics_summary:
         ),
     log:
         f"{RESULTS}/logs/metrics_summary.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/metrics_summary.tsv"
     conda:
         "../../envs/imatch.yaml"
     resources:

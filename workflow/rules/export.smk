@@ -10,6 +10,8 @@ rule export:
         directory(f"{RESULTS}/bundle"),
     log:
         f"{RESULTS}/logs/export.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/export.tsv"
     conda:
         "../../envs/imatch.yaml"
     resources:

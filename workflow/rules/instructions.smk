@@ -10,6 +10,8 @@ rule augment_images:
         images=directory(f"{RESULTS}/augment/{{aug}}/images"),
     log:
         f"{RESULTS}/logs/augment/{{aug}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/augment/{{aug}}.tsv"
     conda:
         "../../envs/imatch.yaml"
     resources:
@@ -31,6 +33,8 @@ rule instructions_train:
         record=f"{RESULTS}/instructions/{{query}}/train-{{train}}.parquet.json",
     log:
         f"{RESULTS}/logs/instructions/{{query}}_train-{{train}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/instructions/{{query}}_train-{{train}}.tsv"
     conda:
         "../../envs/imatch.yaml"
     resources:
@@ -52,6 +56,8 @@ rule instructions_eval:
         record=f"{RESULTS}/instructions/{{query}}/{{split}}.parquet.json",
     log:
         f"{RESULTS}/logs/instructions/{{query}}_{{split}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/instructions/{{query}}_{{split}}.tsv"
     conda:
         "../../envs/imatch.yaml"
     resources:
@@ -73,6 +79,8 @@ rule instructions_eval_levels:
         record=f"{RESULTS}/instructions/{{query}}/{{split}}.levels-{{levels}}.parquet.json",
     log:
         f"{RESULTS}/logs/instructions/{{query}}_{{split}}.levels-{{levels}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/instructions/{{query}}_{{split}}.levels-{{levels}}.tsv"
     conda:
         "../../envs/imatch.yaml"
     resources:
@@ -94,6 +102,8 @@ rule instructions_pseudo:
         record=f"{RESULTS}/instructions/{{query}}/val.pseudo-{{round}}.parquet.json",
     log:
         f"{RESULTS}/logs/instructions/{{query}}_val.pseudo-{{round}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/instructions/{{query}}_val.pseudo-{{round}}.tsv"
     conda:
         "../../envs/imatch.yaml"
     resources:

@@ -13,6 +13,8 @@ rule backbone_tiny:
         directory(f"{RESULTS}/backbones/{{backbone}}"),
     log:
         f"{RESULTS}/logs/backbones/{{backbone}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/backbones/{{backbone}}.tsv"
     conda:
         "../../envs/imatch.yaml"
     resources:
@@ -34,6 +36,8 @@ rule backbone_download:
         "resources/backbones/{backbone}/manifest.json",
     log:
         f"{RESULTS}/logs/backbones/{{backbone}}_download.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/backbones/{{backbone}}_download.tsv"
     conda:
         "../../envs/imatch.yaml"
     resources:
@@ -56,6 +60,8 @@ rule backbone_convert_ovis2:
         directory("resources/backbones/{backbone}-native"),
     log:
         f"{RESULTS}/logs/backbones/{{backbone}}_convert.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/backbones/{{backbone}}_convert.tsv"
     conda:
         "../../envs/imatch.yaml"
     resources:
@@ -133,6 +139,8 @@ rule gather_scores:
         f"{RESULTS}/scores/{{backbone}}/{{task}}-{{round}}/scores.parquet",
     log:
         f"{RESULTS}/logs/score/{{backbone}}_{{task}}-{{round}}.gather.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/score/{{backbone}}_{{task}}-{{round}}.gather.tsv"
     conda:
         "../../envs/imatch.yaml"
     resources:
@@ -152,6 +160,8 @@ rule element_levels:
         f"{RESULTS}/element_levels/{{levels}}.parquet",
     log:
         f"{RESULTS}/logs/element_levels/{{levels}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/element_levels/{{levels}}.tsv"
     conda:
         "../../envs/imatch.yaml"
     resources:
@@ -171,6 +181,8 @@ rule model_predictions:
         elements=f"{RESULTS}/predictions/{{model_predictor}}/{{split}}/element_predictions.parquet",
     log:
         f"{RESULTS}/logs/predictions/{{model_predictor}}_{{split}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/predictions/{{model_predictor}}_{{split}}.tsv"
     conda:
         "../../envs/imatch.yaml"
     resources:
@@ -193,6 +205,8 @@ rule ensemble_weights:
         f"{RESULTS}/ensemble/{{round}}/weights.json",
     log:
         f"{RESULTS}/logs/ensemble_weights_{{round}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/ensemble_weights_{{round}}.tsv"
     conda:
         "../../envs/imatch.yaml"
     resources:
@@ -215,6 +229,8 @@ rule pseudo_labels:
         elements=f"{RESULTS}/pseudo/{{round}}/elements.parquet",
     log:
         f"{RESULTS}/logs/pseudo_labels_{{round}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/pseudo_labels_{{round}}.tsv"
     conda:
         "../../envs/imatch.yaml"
     resources:

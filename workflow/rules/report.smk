@@ -15,6 +15,8 @@ rule plot_scatter:
         ),
     log:
         f"{RESULTS}/logs/report/scatter_{{split}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/report/scatter_{{split}}.tsv"
     conda:
         "../../envs/imatch.yaml"
     resources:
@@ -39,6 +41,8 @@ rule plot_categories:
         ),
     log:
         f"{RESULTS}/logs/report/categories_{{split}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/report/categories_{{split}}.tsv"
     conda:
         "../../envs/imatch.yaml"
     resources:
@@ -61,6 +65,8 @@ rule plot_curves:
         ),
     log:
         f"{RESULTS}/logs/report/training_curves.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/report/training_curves.tsv"
     conda:
         "../../envs/imatch.yaml"
     resources:
