@@ -126,9 +126,34 @@ def test_bench_measures_both_stages_on_tiny_models(tmp_path, imatch):
     assert rows[("score", "workflow")]["max_abs_prob_diff"] < 1e-5  # float32: the same answers
     for r in rows.values():
         assert r["per_second"] > 0 and r["tflop_per_item"] > 0 and r["pct_peak"] > 0
+        # the rate is the measured items over the measured time (seconds are rounded to 1 ms)
+        assert r["per_second"] == pytest.approx(r["items"] / r["seconds"], rel=0.02)
+        assert r["tflops"] == pytest.approx(r["per_second"] * r["tflop_per_item"], rel=1e-9)
     assert rows[("train", "workflow")]["items"] == 4 * 2  # measured steps x batch, warm-up excluded
     table = (tmp_path / "out" / "bench.md").read_text()
     assert table.count("| qwen2_5_vl |") == 4 and "% peak" in table
+
+
+def test_bench_element_stages_compare_shared_prefixes_with_per_query_work(tmp_path, imatch):
+    """`--stages element-score element-train`: the same element queries per query and with shared
+    prefixes, same run; in float32 the two scoring paths give the same probabilities, and a
+    training step counts batch x accumulation answers either way."""
+    imatch("bench", "--size", "tiny", "--device", "cpu", "--dtype", "float32", "--arch", "internvl",
+           "--stages", "element-score", "element-train", "--score-batches", "56:4", "--prompts", "3",
+           "--train-image", "56", "--element-queries", "24", "--element-batch", "8", "--element-image-batch", "2",
+           "--train-batch", "2", "--train-steps", "2", "--workers", "0",
+           "--train-variants", '{"share": false, "accum": 2}', '{"share": true, "accum": 2}',
+           "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"))
+    rows = json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
+    score = {r["path"]: r for r in rows if r["stage"] == "element-score"}
+    assert set(score) == {"per query", "shared prefix"} and score["per query"]["items"] == 24
+    assert score["shared prefix"]["max_abs_prob_diff"] < 1e-5
+    assert score["shared prefix"]["speedup"] == pytest.approx(score["shared prefix"]["per_second"]
+                                                             / score["per query"]["per_second"])
+    train = [r for r in rows if r["stage"] == "element-train"]
+    assert [("share=True" in r["variant"]) for r in train] == [False, True]
+    assert all(r["items"] == 2 * 2 * 2 for r in train)  # steps x batch x accumulation, warm-up excluded
+    assert train[1]["speedup"] == pytest.approx(train[1]["per_second"] / train[0]["per_second"])
 
 
 def test_bench_budget_counts_the_tiles_each_choice_makes(tmp_path, imatch):
