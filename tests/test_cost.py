@@ -91,3 +91,21 @@ def test_the_gpu_check_config_plans_the_real_fast_paths(tmp_path, imatch):
     for j in jobs:  # no checkpointing, shared element prefixes: the measured rates of those paths
         kind = {"train": "train", "score": "score"}[j["stage"]] + ("_shared" if j["task"] == "element" else "")
         assert j["per_second"] == rates[kind]["per_second"], j
+
+
+def test_counts_come_from_the_ingested_tables(ingested, tmp_path, imatch):
+    """--data: images per split and elements per image of an ingest output, as the tables hold them."""
+    import pandas as pd
+
+    samples, elements = ingested
+    rates = tmp_path / "rates.json"
+    rates.write_text(json.dumps(RATES))
+    out = tmp_path / "cost.md"
+    code, text, err = imatch("cost", "--rates", rates, "--data", samples.parent, "--workdir", REPO, "--out", out)
+    assert code == 0, err
+    table = pd.read_parquet(samples)
+    per_image = len(pd.read_parquet(elements)) / table["img_path"].nunique()
+    assert f"{per_image:g} elements per image" in text
+    jobs = json.loads(out.with_suffix(".json").read_text())
+    r1 = next(j for j in jobs if j["stage"] == "score" and j["task"] == "element" and j["round"] == "r1")
+    assert r1["work"] == pytest.approx((table["split"] == "val").sum() * per_image)  # round 1 scores val only
