@@ -42,6 +42,15 @@ def test_the_shipped_configs_pass(real):
     (lambda c: c["submission"].update(predictor="ensembel"), "submission.predictor: unknown predictor 'ensembel'"),
     (lambda c: c["backbones"].append(dict(c["backbones"][0])), "'internvl2_5-8b-mpo' is used twice"),
     (lambda c: c["backbones"][1].update(max_tiles=4), "backbones[qwen2_5-vl-7b].max_tiles"),
+    # ovis2-34b trains its overall model only (tasks: [overall]): named where element models are used
+    (lambda c: c["ensemble"].update(element=["ovis2-8b", "ovis2-34b"]),
+     "ensemble.element: ['ovis2-34b'] train(s) no element model (backbones[ovis2-34b].tasks: ['overall'])"),
+    (lambda c: c["element_levels"].update({"from": ["ovis2-34b"]}), "element_levels.from: ['ovis2-34b'] train(s) no element"),
+    (lambda c: c["pseudo_labels"].update({"from": ["ovis2-8b", "ovis2-34b"], "element_from": None}),
+     "pseudo_labels.from (element_from: null): ['ovis2-34b'] train(s) no element"),
+    (lambda c: c["evaluate"].update(predictors=["ensemble", "blank-ovis2-34b"]),
+     "evaluate.predictors / submission.predictor: ['ovis2-34b'] train(s) no element"),
+    (lambda c: c["backbones"][0].update(tasks=["element"]), "ensemble.overall: ['internvl2_5-8b-mpo'] train(s) no overall"),
     (lambda c: c["data"].update(eval_json="resources/none.json"), "data.eval_json: resources/none.json is not a file"),
     (lambda c: c["data"].update(source="local", local_dir="nowhere"), "data.local_dir: nowhere is not a folder"),
 ])

@@ -317,8 +317,7 @@ def test_real_configuration_dry_runs(workflow):
     proc = snakemake(wd, "-n", "-p", configs=[wd / "config" / "evalmuse.yaml"])
     jobs = planned_jobs(proc)
     assert {"download", "ingest", "evaluate", "submission"} <= jobs and "demo_data" not in jobs
-    # five overall models and the paper's four element models (no Ovis2-34B element model: no
-    # predictor, pseudo label or element level uses one), two rounds each
+    # five overall models and the paper's four element models (Ovis2-34B: tasks [overall]), two rounds each
     models = [o for o in planned_outputs(proc) if "/models/" in o]
     assert len(models) == 18 and not any("/ovis2-34b/element-" in m for m in models)
     combine = next(line for line in (proc.stdout + proc.stderr).splitlines()
@@ -357,7 +356,8 @@ def test_a_backbone_can_train_on_several_gpus_in_one_job(workflow, tmp_path):
     text = snakemake(wd, "-n", "-p", "--cores", "16", configs=[wd / "config" / "evalmuse.yaml", overlay]).stdout
     jobs = [block for block in text.split("\n\n") if "rule train:" in block]
     big = [b for b in jobs if "models/ovis2-34b/" in b]
-    assert len(big) == 2 * 2 and all("gpu=2" in b and "cpus_per_gpu=4" in b and "--gpus 2" in b for b in big)
+    assert len(big) == 2 and all("gpu=2" in b and "cpus_per_gpu=4" in b and "--gpus 2" in b for b in big)
+    assert all("/ovis2-34b/overall-" in b for b in big)  # tasks: [overall] (Fig. 6: four element models)
     assert all("gpu=1" in b and "cpus_per_gpu=8" in b and "--gpus 1" in b for b in jobs if b not in big)
 
 

@@ -81,6 +81,7 @@ def check_names(config: dict) -> None:
         unknown = sorted(set(values or []) - set(names))
         if unknown:
             raise ConfigError(f"{key}: unknown backbone(s) {unknown}; the backbones are {names}")
+    check_tasks(config)
     predictors = predictor_names(names)
     unknown = sorted(set(config["evaluate"]["predictors"]) - set(predictors))
     if unknown:
@@ -88,6 +89,30 @@ def check_names(config: dict) -> None:
     if config["submission"]["predictor"] not in predictors:
         raise ConfigError(f"submission.predictor: unknown predictor {config['submission']['predictor']!r}; "
                           f"known: {predictors}")
+
+
+def check_tasks(config: dict) -> None:
+    """A backbone that trains no model of a task (`backbones[].tasks`) is named nowhere that task's
+    models are used: a backbone predictor uses both of its models."""
+    tasks = {b["name"]: b.get("tasks", ["overall", "element"]) for b in config["backbones"]}
+    pseudo = config["pseudo_labels"]
+    element_from = pseudo.get("element_from")
+    uses = [("ensemble.overall", config["ensemble"]["overall"], "overall"),
+            ("ensemble.element", config["ensemble"]["element"], "element"),
+            ("pseudo_labels.from", pseudo["from"], "overall"),
+            ("pseudo_labels.element_from" if element_from is not None else "pseudo_labels.from (element_from: null)",
+             pseudo["from"] if element_from is None else element_from, "element"),
+            ("element_levels.from", config.get("element_levels", {}).get("from", []), "element")]
+    ablation = config.get("ablation", {}).get("backbones", [])
+    uses += [("ablation.backbones", ablation, "overall"), ("ablation.backbones", ablation, "element")]
+    predictors = [config["submission"]["predictor"], *config["evaluate"]["predictors"]]
+    backbone_predictors = [p.removeprefix("blank-") for p in predictors if p.removeprefix("blank-") in tasks]
+    uses += [("evaluate.predictors / submission.predictor", backbone_predictors, task) for task in ("overall", "element")]
+    for key, values, task in uses:
+        lacking = sorted({v for v in values or [] if v in tasks and task not in tasks[v]})
+        if lacking:
+            raise ConfigError(f"{key}: {lacking} train(s) no {task} model (backbones[{lacking[0]}].tasks: "
+                              f"{tasks[lacking[0]]})")
 
 
 def check_paths(config: dict, workdir: Path) -> None:

@@ -124,13 +124,9 @@ def ingest_options(wildcards, input):
 
 def all_targets():
     targets = [f"{RESULTS}/metrics/summary.tsv", *instruction_targets()]
-    # the final models the predictors use (not every backbone x task: a 34B element model
-    # that no predictor uses would cost ~11 GPU-hours)
-    targets += [
-        f"{RESULTS}/models/{b}/{task}-{r}"
-        for b, task, r in needed_models()
-        if r == FINAL
-    ]
+    for name, backbone in BACKBONES.items():
+        for task in backbone["tasks"]:
+            targets.append(f"{RESULTS}/models/{name}/{task}-{FINAL}")
     for split in config["evaluate"]["splits"]:
         targets += [
             f"{RESULTS}/report/scatter_{split}.png",
@@ -472,7 +468,7 @@ def pseudo_flags(wildcards, input):
 
 
 def level_backbones():
-    names = config["element_levels"]["from"] or list(BACKBONES)
+    names = config["element_levels"]["from"] or members([], "element")
     unknown = set(names) - set(BACKBONES)
     if unknown:
         raise ValueError(
@@ -504,8 +500,10 @@ def tau_of(wildcards):
     return score_settings(wildcards.backbone)["tau"]
 
 
-def members(names):
-    return names or list(BACKBONES)  # names checked by config_checks at parse time
+def members(names, task):
+    """The backbones named, or every backbone that trains a model of `task` (names checked by
+    config_checks at parse time)."""
+    return names or [b for b in BACKBONES if task in BACKBONES[b]["tasks"]]
 
 
 def model_predictor(name):
@@ -518,7 +516,13 @@ def model_predictor(name):
         return FINAL, [base], [base], blank, "mean"
     if base == "ensemble":
         e = config["ensemble"]
-        return FINAL, members(e["overall"]), members(e["element"]), blank, e["weights"]
+        return (
+            FINAL,
+            members(e["overall"], "overall"),
+            members(e["element"], "element"),
+            blank,
+            e["weights"],
+        )
     if base == "ensemble-r1":
         return "r1", *pseudo_label_backbones(), blank, "mean"
     raise ValueError(f"unknown predictor {name!r}")
@@ -601,37 +605,18 @@ def report_element_predictions(wildcards):
 def pseudo_label_backbones():
     """(overall, element) backbones whose round-1 models label val for round 2."""
     p = config["pseudo_labels"]
-    overall = members(p["from"])
-    return overall, overall if p["element_from"] is None else members(p["element_from"])
-
-
-def needed_models():
-    """(backbone, task, round) of every model the targets use: the evaluated and submitted
-    predictors', the ensembles that pseudo-label val for the next round, and the element models
-    that state element levels in overall queries of a round."""
-    rounds = [f"r{r}" for r in range(1, config["rounds"] + 1)]
-    names = {*predictors(), config["submission"]["predictor"]} - set(BASELINES)
-    models = set()
-    for name in names:
-        round_, overall, element, _, _ = model_predictor(name)
-        models |= {(b, "overall", round_) for b in overall}
-        models |= {(b, "element", round_) for b in element}
-    for r in rounds[:-1]:
-        overall, element = pseudo_label_backbones()
-        models |= {(b, "overall", r) for b in overall} | {
-            (b, "element", r) for b in element
-        }
-    if uses_levels():
-        used = {r for _, _, r in models}
-        models |= {(b, "element", r) for b in level_backbones() for r in used}
-    return sorted(models)
+    element = p["from"] if p["element_from"] is None else p["element_from"]
+    return members(p["from"], "overall"), members(element, "element")
 
 
 def training_records(wildcards):
-    """The training records the curves plot shows: of the models the targets use (every
-    backbone x task x round would train models nothing else needs, e.g. a 34B element model).
-    """
-    return [f"{RESULTS}/models/{b}/{task}-{r}" for b, task, r in needed_models()]
+    rounds = [f"r{r}" for r in range(1, config["rounds"] + 1)]
+    return [
+        f"{RESULTS}/models/{b}/{task}-{r}"
+        for b in BACKBONES
+        for task in BACKBONES[b]["tasks"]
+        for r in rounds
+    ]
 
 
 # ---- ablation rows (paper Tables 4 and 5; rules in ablation.smk) ----------------------------
@@ -721,7 +706,7 @@ def ablation_plan(task):
             "scores": f"{RESULTS}/ablation/scores/{b}/{v}-{r}/scores.parquet",
         }
         for row, (v, r) in zip(ABLATION[task], ABLATION_MODELS[task])
-        for b in members(ABLATION["backbones"])
+        for b in members(ABLATION["backbones"], "element")
     ]
 
 
