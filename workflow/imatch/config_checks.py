@@ -200,19 +200,26 @@ def with_defaults(config: dict, schema: dict) -> dict:
     return config
 
 
-def _run(args) -> int:
+def load(configs: list[Path], workdir: Path) -> tuple[dict, dict]:
+    """(config, schema): config/config.yaml and `configs` merged as Snakemake merges --configfile
+    files (later files win, key by key), validated and completed with the schema's defaults."""
     import yaml
     from snakemake.utils import update_config
 
-    from imatch.errors import InputError
-
     schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml").read_text())
     config: dict = {}
+    for path in [workdir / "config" / "config.yaml", *configs]:
+        update_config(config, read_yaml(path))
+    return with_defaults(config, schema), schema
+
+
+def _run(args) -> int:
+    from imatch.errors import InputError
+
     files = [args.workdir / "config" / "config.yaml", *args.configs]
     try:
-        for path in files:
-            update_config(config, read_yaml(path))  # Snakemake's merge: later files win, key by key
-        check(with_defaults(config, schema), schema, args.workdir)
+        config, schema = load(args.configs, args.workdir)
+        check(config, schema, args.workdir)
     except ConfigError as exc:
         raise InputError(" + ".join(map(str, files)), str(exc)) from None
     except OSError as exc:

@@ -197,7 +197,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("configs", nargs="*", type=Path, metavar="CONFIG",
                    help="config files as given to snakemake with --configfile (on top of config/config.yaml)")
     p.add_argument("--bench", type=Path, nargs="+", help="bench.json files of `imatch bench` (later files win)")
-    p.add_argument("--rates", type=Path, help="a rates.json (as `imatch bench` or --write-rates writes it)")
+    p.add_argument("--rates", type=Path, help="a rates file, as --write-rates writes it (benchmarks/rates-h200.json)")
     p.add_argument("--write-rates", type=Path, help="write the rates read from --bench here and stop")
     p.add_argument("--data", type=Path, help="an ingest output folder: images per split and elements per image")
     p.add_argument("--counts", nargs="*", default=[], help="images per split, e.g. train=31080 holdout=1637 val=10000 test=5000")
@@ -211,10 +211,7 @@ def add_parser(subparsers) -> None:
 
 
 def _run(args) -> int:
-    import yaml
-    from snakemake.utils import update_config
-
-    from imatch.config_checks import read_yaml, with_defaults
+    from imatch import config_checks
 
     if args.bench:
         rates = rates_from_bench(args.bench)
@@ -226,11 +223,7 @@ def _run(args) -> int:
         rates = json.loads(args.rates.read_text())
     else:
         raise SystemExit("give measured rates: --bench bench.json ... or --rates rates.json")
-    schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml").read_text())
-    config: dict = {}
-    for path in [args.workdir / "config" / "config.yaml", *args.configs]:
-        update_config(config, read_yaml(path))
-    config = with_defaults(config, schema)
+    config, _ = config_checks.load(args.configs, args.workdir)
     images, per_image = _parse_counts(args.counts), args.elements_per_image
     if args.data:
         samples = pd.read_parquet(args.data / "samples.parquet", columns=["img_path", "split"])
