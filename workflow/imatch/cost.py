@@ -10,9 +10,10 @@ elements per image, the augmented fraction of the config's training sets, epochs
 
 Rates are samples (answers) or queries per second on one GPU, per architecture, as `imatch bench`
 measures them (`--bench bench.json ...`, later files win; `--write-rates` keeps the summary):
-`train` (per query), `train_shared` (element queries, prefix shared), each also with `_ckpt` (gradient
-checkpointing on, as the job's flags say), `score`, `score_shared`. A backbone larger than the one measured is charged by its parameter count (from
-its checkpoint name, e.g. Ovis2-34B: 34/8 of Ovis2-8B): an estimate, said so in the table.
+`train` (per query), `train_shared` (element queries, prefix shared), each also with `_ckpt`
+(gradient checkpointing on, as the job's flags say), `score`, `score_shared`. A backbone larger
+than the one measured is charged by its parameter count (from its checkpoint name, e.g.
+Ovis2-34B: 34/8 of Ovis2-8B): an estimate, said so in the table.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def rates_from_bench(paths: list[Path]) -> dict:
             entry = archs.setdefault(row["arch"], {})
             if key.startswith("train") and row["stage"] == "train" and entry.get(key, {}).get("stage") == "element-train":
                 continue  # the per-query element rate, measured beside the shared one, is the like-for-like one
-            if key == "score" and "--compile" in str(entry.get("score", {}).get("variant")) and "--compile" not in str(row.get("variant")):
+            compiled = "--compile" in str(entry.get("score", {}).get("variant"))
+            if key == "score" and compiled and "--compile" not in str(row.get("variant")):
                 continue  # the configs score compiled: an uncompiled rate does not replace a compiled one
             entry[key] = {"per_second": round(float(row["per_second"]), 3), "stage": row["stage"],
                           "variant": row.get("variant"), "batch": row.get("batch"), "image": row.get("image"),
