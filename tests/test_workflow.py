@@ -43,8 +43,8 @@ def test_every_job_leaves_a_log_and_a_benchmark_file(workflow):
         assert bench.is_file(), bench
         row = pd.read_csv(bench, sep="\t").iloc[0]
         assert {"s", "max_rss", "cpu_time"} <= set(row.index), bench
-        if log.parent.name in ("train", "score"):  # seconds at least: swift's start-up alone takes that
-            assert row["s"] > 1, bench
+        if log.parent.name in ("train", "score") and not log.name.endswith(".gather.log"):
+            assert row["s"] > 1, bench  # training and scoring jobs: swift's start-up alone takes seconds
 
 
 def test_the_tree_just_made_audits_clean_also_copied_and_damage_is_named(workflow, tmp_path):
