@@ -85,8 +85,8 @@ def _loss_and_grads(model, template, batch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_packed_element_queries_train_as_separate_samples(arch, element_set, backbones):
-    """14 element answers of two images: as 14 samples (ms-swift's collation) and as one packed
-    row (two prefixes, 14 suffixes): every answer token's loss and every LoRA gradient (LLM,
+    """The element answers of two images: as separate samples (ms-swift's collation) and as one
+    packed row (two prefixes, one suffix each): every answer token's loss and every LoRA gradient (LLM,
     vision tower, aligner) within 1e-5; a plain causal mask over the same row is far off."""
     import torch
     from swift.template import Template
