@@ -51,12 +51,6 @@ def test_shipped_configs_validate(name):
     Draft202012Validator(SCHEMA).validate(yaml.safe_load((REPO / "config" / name).read_text()))
 
 
-def test_every_config_key_is_documented_in_config_readme():
-    readme = (REPO / "config" / "README.md").read_text()
-    missing = [key for key, _ in _properties(SCHEMA) if f"`{key}`" not in readme]
-    assert not missing
-
-
 def test_conda_env_pins_equal_pyproject():
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     env = yaml.safe_load((REPO / "envs" / "imatch.yaml").read_text())
