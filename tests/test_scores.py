@@ -18,6 +18,12 @@ def instruction_set(tmp_path, name, split, n):
     return path
 
 
+def fake_level(view, query_id):
+    """A distinct expected level per (view, id): 1 + index/10 (+ 5 for the blank view)."""
+    return 1 + int(query_id.split("/")[1].split(".")[0]) / 10 + (5 if view == "blank" else 0) + (
+        2 if query_id.startswith("test/") else 0)
+
+
 def scored(sets, shards, tmp_path):
     """What `score-set --shard k` writes for each k: a fake score per query, contiguous parts of each set."""
     paths = []
@@ -25,8 +31,11 @@ def scored(sets, shards, tmp_path):
         rows = []
         for path, view in sets:
             part = shard_of(pd.read_parquet(path), k, shards)
+            # a distinct value per (view, query), so that values moved against their ids show
+            level = [fake_level(view, i) for i in part["id"]]
             rows.append(part.assign(view=view, img_path=part["id"], element=None, probs=[np.ones(15) / 15] * len(part),
-                                    expected_level=8.0, argmax_level=1, score=3.0, hit=None))
+                                    expected_level=level, argmax_level=[int(v) for v in level],
+                                    score=[(v - 1) / 14 * 4 + 1 for v in level], hit=None))
         out = tmp_path / f"shard{k}.parquet"
         pd.concat(rows)[COLUMNS].to_parquet(out)
         paths.append(out)
@@ -40,7 +49,40 @@ def test_shards_gather_back_to_every_set_and_view_in_order(tmp_path):
     out = gather(shards, [val, test], [val])
     assert len(out) == 17
     assert list(out["view"]) == ["seen"] * 10 + ["blank"] * 7
-    assert list(out["id"][:7]) == [f"val/{i}.png" for i in range(7)]
+    ids = [f"val/{i}.png" for i in range(7)] + [f"test/{i}.png" for i in range(3)] + [f"val/{i}.png" for i in range(7)]
+    assert list(out["id"]) == ids  # the order of the sets as given, each in its own (id) order
+    assert list(out.columns) == COLUMNS
+    # every value stays with its query: written out by hand, not recomputed with fake_level
+    assert out["expected_level"].tolist() == pytest.approx(
+        [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 3.0, 3.1, 3.2, 6.0, 6.1, 6.2, 6.3, 6.4, 6.5, 6.6])
+    assert out["argmax_level"].tolist() == [1] * 7 + [3] * 3 + [6] * 7
+    assert out["score"].tolist() == pytest.approx([(v - 1) / 14 * 4 + 1 for v in out["expected_level"]])
+    assert (out["img_path"] == out["id"]).all() and out["hit"].isna().all()
+    # shards in another order gather to the same table
+    pd.testing.assert_frame_equal(gather(shards[::-1], [val, test], [val]), out)
+
+
+def test_shards_are_contiguous_parts_of_the_sorted_set():
+    table = pd.DataFrame({"id": [f"q{i:02d}" for i in range(10)]})
+    parts = [shard_of(table, k, 3)["id"].tolist() for k in range(3)]
+    # bounds round(linspace(0, 10, 4)) = 0, 3, 7, 10
+    assert parts == [[f"q{i:02d}" for i in range(0, 3)], [f"q{i:02d}" for i in range(3, 7)],
+                     [f"q{i:02d}" for i in range(7, 10)]]
+    assert shard_of(table, 0, 1)["id"].tolist() == table["id"].tolist()
+    for bad in (-1, 3):
+        with pytest.raises(ValueError, match=f"shard {bad} is not in 0..2"):
+            shard_of(table, bad, 3)
+
+
+def test_a_query_in_two_sets_is_an_error(tmp_path):
+    val = instruction_set(tmp_path, "val", "val", 4)
+    again = instruction_set(tmp_path, "again", "val", 2)
+    shards = scored([(val, "seen")], 2, tmp_path)
+    with pytest.raises(InputError) as err:
+        gather(shards, [val, again], [])
+    assert str(err.value) == f"{again}: id='val/0.png': query scored by two sets"
+    with pytest.raises(ValueError, match="no instruction set given"):
+        gather(shards, [], [])
 
 
 def test_a_missing_or_repeated_shard_is_an_error(tmp_path):
