@@ -35,11 +35,35 @@ def test_combine_is_the_mean_of_models_and_hits_follow_tau(tmp_path):
     total, el = combine([a, b], [ea, eb], tau=3)
     assert total.set_index("img_path")["total_score"].to_dict() == pytest.approx(
         {"x.png": (1.0 + 3.0) / 2, "y.png": (5.0 + 3.0) / 2})
+    assert total.columns.tolist() == ["img_path", "split", "total_score"] and total["split"].tolist() == ["val"] * 2
     el = el.set_index("img_path")
     assert el.loc["x.png", "expected_level"] == 3.25 and el.loc["x.png", "score"] == 1.0  # 3.25 > 3
     assert el.loc["y.png", "expected_level"] == 3.5 and el.loc["y.png", "score"] == 1.0
-    weighted, _ = combine([a, b], [ea, eb], tau=3, weights={"overall": [1.0, 0.0], "element": [0.0, 1.0]})
+    weighted, weighted_el = combine([a, b], [ea, eb], tau=3, weights={"overall": [1.0, 0.0], "element": [0.0, 1.0]})
     assert weighted.set_index("img_path")["total_score"].to_dict() == pytest.approx({"x.png": 1.0, "y.png": 5.0})
+    # the element weights pick model eb: 4.5 (a hit) for x, 1.0 (a miss) for y
+    weighted_el = weighted_el.set_index("img_path")
+    assert weighted_el["expected_level"].to_dict() == {"x.png": 4.5, "y.png": 1.0}
+    assert weighted_el["score"].to_dict() == {"x.png": 1.0, "y.png": 0.0}
+
+
+def test_a_hit_is_strictly_above_tau_and_a_miss_scores_zero(tmp_path):
+    """Eq. 2: hit when the mean expected level is > tau; a level exactly at tau is a miss (0.0)."""
+    o = scores(tmp_path, "o", "overall", [(f"{i}.png", None, 8.0) for i in range(4)])
+    ea = scores(tmp_path, "ea", "element", [("0.png", "k (object)", 3.0), ("1.png", "k (object)", 2.0),
+                                            ("2.png", "k (object)", 3.0), ("3.png", "k (object)", 7.0)])
+    eb = scores(tmp_path, "eb", "element", [("0.png", "k (object)", 3.0), ("1.png", "k (object)", 2.0),
+                                            ("2.png", "k (object)", 3.2), ("3.png", "k (object)", 1.0)])
+    _, el = combine([o], [ea, eb], tau=3)
+    assert el["img_path"].tolist() == ["0.png", "1.png", "2.png", "3.png"]
+    assert el["expected_level"].tolist() == pytest.approx([3.0, 2.0, 3.1, 4.0])
+    assert el["score"].tolist() == [0.0, 0.0, 1.0, 1.0]  # 3.0 is not > 3
+    assert el.columns.tolist() == ["img_path", "element", "score", "expected_level"]
+    # another tau moves the boundary
+    _, el4 = combine([o], [ea, eb], tau=4)
+    assert el4["score"].tolist() == [0.0, 0.0, 0.0, 0.0]
+    _, el2 = combine([o], [ea, eb], tau=2.5)
+    assert el2["score"].tolist() == [1.0, 0.0, 1.0, 1.0]
 
 
 def test_models_covering_different_images_are_refused(tmp_path):
@@ -55,6 +79,16 @@ def test_element_levels_round_the_mean_half_up(tmp_path):
     eb = scores(tmp_path, "eb", "element", [("x.png", "k (object)", 4.0), ("y.png", "k (object)", 7.0)])
     table = element_levels([ea, eb]).set_index("img_path")
     assert table.loc["x.png", "level"] == 4 and table.loc["y.png", "level"] == 7  # 3.5 -> 4
+    # banker's rounding would give 2 and 4 here: half-up gives 3 and 5
+    ec = scores(tmp_path, "ec", "element", [("a.png", "k (object)", 2.0), ("b.png", "k (object)", 4.0),
+                                            ("c.png", "k (object)", 1.0), ("d.png", "k (object)", 6.0)])
+    ed = scores(tmp_path, "ed", "element", [("a.png", "k (object)", 3.0), ("b.png", "k (object)", 5.0),
+                                            ("c.png", "k (object)", 1.4), ("d.png", "k (object)", 6.8)])
+    table = element_levels([ec, ed])
+    assert table.columns.tolist() == ["img_path", "element", "level", "expected_level"]
+    assert table["img_path"].tolist() == ["a.png", "b.png", "c.png", "d.png"]
+    assert table["expected_level"].tolist() == pytest.approx([2.5, 4.5, 1.2, 6.4])
+    assert table["level"].tolist() == [3, 5, 1, 6] and table["level"].dtype == "int64"
 
 
 def test_holdout_weights_recover_the_better_model():
@@ -82,6 +116,9 @@ def test_pseudo_labels_reproduce_the_predicted_levels(tables):
     rows, els = pseudo_label(samples, elements, pred, pred_el)
     assert len(rows) == len(val) and len(els) == len(val_el)
     assert rows["total_score"].between(1, 5).all() and (rows["n_annotators"] == 0).all()
+    # each image's pseudo total is its own prediction, clipped to 1..5
+    assert rows.set_index("img_path")["total_score"].to_dict() == pytest.approx(
+        {img: min(max(v, 1.0), 5.0) for img, v in zip(pred["img_path"], pred["total_score"])})
     # Eq. 4 of the pseudo score gives back the rounded predicted level
     assert np.array_equal(levels.element_level(els["score"]), levels.round_half_up(pred_el["expected_level"]))
     # ground-truth labels of val are not used
@@ -102,6 +139,23 @@ def test_text_baseline_fits_on_train_only_and_covers_every_row(tables):
     hacked = samples.copy()
     hacked.loc[hacked["split"] == "val", "total_score"] = 5.0
     pd.testing.assert_frame_equal(text_predictions(hacked, elements)[0], pred)
+    # nor a holdout label (fitting on train + holdout would inflate the holdout control)
+    hacked = samples.copy()
+    hacked.loc[hacked["split"] == "holdout", "total_score"] = 5.0
+    hacked_el = elements.copy()
+    hacked_el.loc[hacked_el["img_path"].isin(samples.loc[samples["split"] == "holdout", "img_path"]), "score"] = 1.0
+    again, again_el = text_predictions(hacked, hacked_el)
+    pd.testing.assert_frame_equal(again, pred)
+    pd.testing.assert_frame_equal(again_el, pred_el)
+    # the totals are a ridge regression on the train rows' prompt words, fitted here independently
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import Ridge
+
+    train = samples[samples["split"] == "train"]
+    words = CountVectorizer(token_pattern=r"[A-Za-z0-9]+", ngram_range=(1, 2), binary=True).fit(train["prompt"])
+    ridge = Ridge(alpha=1.0).fit(words.transform(train["prompt"]), train["total_score"])
+    expected = np.clip(ridge.predict(words.transform(samples["prompt"])), 1, 5)
+    assert pred["total_score"].to_numpy() == pytest.approx(expected, abs=1e-9)
     # it reads the prompt: predictions vary within a prompt type, unlike the prior's
     prior, _ = prior_predictions(samples, elements)
     assert pred.groupby(samples["prompt_type"])["total_score"].nunique().min() > prior.groupby(

@@ -85,3 +85,63 @@ def test_perturbation_eq17_moves_by_epsilon_and_clips():
     assert set(np.unique(np.abs(d))) <= {0, 1, 2}
     with pytest.raises(ValueError):
         levels.perturb_levels(lv, epsilon=0.5, rate=1.0, seed=0)
+
+
+def test_out_of_range_messages_name_the_first_three_bad_values():
+    with pytest.raises(ValueError) as err:
+        levels.overall_level([3, 0.5, 6, float("nan"), 7])
+    assert str(err.value) == "total score outside [1, 5]: [0.5 6.  nan]"
+    with pytest.raises(ValueError) as err:
+        levels.element_level([0.5, -0.5, 1.5, float("nan"), 2])
+    assert str(err.value) == "element score outside [0, 1]: [-0.5  1.5  nan]"
+    for bad in (1.0001, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="element score outside"):
+            levels.element_level(bad)
+    for bad in (0.9999, 5.0001):
+        with pytest.raises(ValueError, match="total score outside"):
+            levels.overall_level(bad)
+    assert levels.overall_level([1, 5]).tolist() == [1, 15] and levels.element_level([0, 1]).tolist() == [1, 7]
+
+
+def test_object_and_integer_arrays_give_the_same_integer_levels():
+    """pandas nullable columns arrive as object arrays (`Float64.to_numpy()`): read as numbers."""
+    obj = np.array([0.25, 0.75], dtype=object)
+    assert levels.element_level(obj).tolist() == [3, 6] and levels.element_level(obj).dtype.kind == "i"
+    assert levels.overall_level(np.array([2.0, 5.0], dtype=object)).tolist() == [5, 15]
+    assert levels.round_half_up(np.array([2.5, 4.5], dtype=object)).tolist() == [3, 5]
+    assert levels.round_half_up([2.5, -0.5]).dtype.kind == "i"
+    assert levels.level_to_total(np.array([1, 8], dtype=object)).dtype == np.float64
+    assert levels.is_hit(np.array([3.5, 3], dtype=object)).dtype == bool
+    assert levels.expected_level(np.array([[0.0, 0.0]], dtype=object)).tolist() == [1.5]
+    out, delta = levels.perturb_levels(np.array([2.0, 3.0]), epsilon=1, rate=1.0, seed=0)
+    assert out.dtype.kind == "i" and delta.dtype.kind == "i"
+
+
+def test_expected_level_normalises_each_row_and_never_overflows():
+    # two rows on very different logit scales: each is its own softmax (Eq. 6) and expectation (Eq. 7)
+    logits = np.array([[0.0, np.log(3.0)], [-2000.0, -2000.0], [1000.0, 1000.0 + np.log(3.0)]])
+    assert levels.expected_level(logits) == pytest.approx([1.75, 1.5, 1.75])
+    assert levels.expected_level(np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 50.0]])) == pytest.approx([2.0, 3.0])
+
+
+def test_perturbation_is_the_seeded_draw_and_epsilon_zero_changes_nothing():
+    # golden draws of numpy's PCG64 (seed 0 and 3): a fixed seed must keep giving the same targets
+    assert [v.tolist() for v in levels.perturb_levels([4] * 8, epsilon=1, rate=1.0, seed=0)] == [
+        [5, 5, 5, 5, 3, 5, 5, 3], [1, 1, 1, 1, -1, 1, 1, -1]]
+    assert [v.tolist() for v in levels.perturb_levels([4] * 8, epsilon=2, rate=0.5, seed=3)] == [
+        [6, 6, 4, 4, 2, 2, 6, 6], [2, 2, 0, 0, -2, -2, 2, 2]]
+    out, delta = levels.perturb_levels([1, 4, 7], epsilon=0, rate=1.0, seed=0)
+    assert out.tolist() == [1, 4, 7] and delta.tolist() == [0, 0, 0]
+    out, delta = levels.perturb_levels([1, 4, 7] * 10, epsilon=3, rate=0.0, seed=0)
+    assert delta.tolist() == [0] * 30
+    for bad in (-1, 0.5):
+        with pytest.raises(ValueError) as err:
+            levels.perturb_levels([4], epsilon=bad, rate=1.0, seed=0)
+        assert str(err.value) == f"epsilon must be a whole number of levels >= 0, got {bad}"
+
+
+def test_letters_and_digits_of_the_levels():
+    assert levels.OVERALL_LETTERS == list("abcdefghijklmno")
+    assert levels.ELEMENT_DIGITS == list("1234567")
+    assert [levels.element_digit(v) for v in (1, 4, 7)] == ["1", "4", "7"] and levels.DEFAULT_TAU == 3
+    assert levels.overall_letter(np.int64(15)) == "o" and levels.element_digit(np.float64(2.0)) == "2"
