@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import warnings
 import zipfile
 
 import numpy as np
 import pytest
-from scipy.stats import pearsonr
+from scipy.stats import pearsonr, spearmanr
 
 from imatch.errors import InputError
 from imatch.evaluate import load_official, logistic, plcc_official, plcc_pred_to_gt, score
@@ -28,8 +29,89 @@ def test_srcc_and_acc_by_hand():
     # a: 0.6>=.5 vs 0.5>=.5 agree; b: miss vs hit disagree; c: 0.5 is a hit (>=) vs 0.49 miss
     # disagree; d: agree -> 2/4, pooled over all pairs (e has no elements)
     assert m["acc"] == pytest.approx(0.5)
-    assert m["n_elements"] == 4
-    assert m["final"] == pytest.approx(m["srcc"] / 4 + m["plcc"] / 4 + m["acc"] / 2)
+    assert m["n_elements"] == 4 and m["n_images"] == 5
+    # PLCC and the reversed-direction PLCC from the judge's formula, computed here with scipy
+    assert m["plcc"] == pytest.approx(official_plcc(GT_TOTALS, PRED_TOTALS), abs=1e-9)
+    assert m["plcc_pred_to_gt"] == pytest.approx(official_plcc(GT_TOTALS, PRED_TOTALS, swap=True), abs=1e-9)
+    assert m["final"] == pytest.approx(0.9 / 4 + m["plcc"] / 4 + 0.5 / 2)
+    assert set(m) == {"srcc", "plcc", "acc", "final", "plcc_pred_to_gt", "n_images", "n_elements"}
+
+
+GT_TOTALS = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+PRED_TOTALS = np.array([1.1, 2.5, 2.0, 4.2, 5.0])
+
+
+def official_plcc(gt, pred, swap=False):
+    """The challenge's PLCC, written from its description (evalmuse-and-ntire.md): a 4-parameter
+    logistic fitted FROM gt TO pred with p0 = [max(pred), min(pred), mean(gt), std(gt)] and
+    maxfev=1e8, PLCC = pearson(pred, f(gt)). swap=True: the textbook direction (pred -> gt)."""
+    from scipy.optimize import curve_fit
+
+    x, y = (pred, gt) if swap else (gt, pred)
+
+    def f(v, b1, b2, b3, b4):
+        return (b1 - b2) / (1 + np.exp(-(v - b3) / np.abs(b4))) + b2
+
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        popt, _ = curve_fit(f, x, y, p0=[np.max(y), np.min(y), np.mean(x), np.std(x)], maxfev=int(1e8))
+        return pearsonr(y, f(x, *popt))[0]
+
+
+def realistic(seed):
+    """Annotator means (thirds) and noisy predictions clipped to 1..5, as a judge sees them."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(8, 30))
+    gt = np.round(rng.uniform(1, 5, n) * 3) / 3
+    return gt, np.clip(gt + rng.normal(0, rng.uniform(0.3, 1.5), n), 1, 5)
+
+
+# seeds on which another logistic starting point (p0) moves PLCC by 1e-3 .. 0.32; the values are
+# those of the official formula (scipy 1.17), the second the textbook pred -> gt direction
+REALISTIC = {283: (0.794926, 0.765069), 20: (0.563412, 0.629172), 113: (0.811681, 0.752656),
+             186: (0.711331, 0.729800), 232: (0.254533, 0.324393), 14: (0.550760, 0.393810),
+             142: (0.911945, 0.960282)}
+
+
+@pytest.mark.parametrize("seed", sorted(REALISTIC))
+def test_plcc_equals_the_official_formula_on_realistic_data(seed):
+    gt, pred = realistic(seed)
+    assert plcc_official(gt, pred) == pytest.approx(official_plcc(gt, pred), abs=1e-6)
+    assert plcc_official(gt, pred) == pytest.approx(REALISTIC[seed][0], abs=5e-6)
+    assert plcc_pred_to_gt(gt, pred) == pytest.approx(official_plcc(gt, pred, swap=True), abs=1e-6)
+    assert plcc_pred_to_gt(gt, pred) == pytest.approx(REALISTIC[seed][1], abs=5e-6)
+    # and through score() on official records (shuffled: pairing is by img_path)
+    gt_recs = [rec(f"{i:03d}.png", float(v)) for i, v in enumerate(gt)]
+    pred_recs = [rec(f"{i:03d}.png", float(v)) for i, v in enumerate(pred)][::-1]
+    with pytest.warns(UserWarning, match=r"\(ACC undefined"):
+        m = score(gt_recs, pred_recs)
+    assert m["plcc"] == pytest.approx(REALISTIC[seed][0], abs=5e-6)
+    assert m["srcc"] == pytest.approx(spearmanr(gt, pred)[0], abs=1e-12)
+    assert m["acc"] is None and m["final"] is None and m["n_elements"] == 0  # no elements: ACC undefined
+
+
+def test_metrics_need_four_images_and_varying_totals():
+    four = score(GT[:4], PRED[:4])  # the smallest set the 4-parameter fit accepts
+    assert four["srcc"] == pytest.approx(spearmanr([1, 2, 3, 4], [1.1, 2.5, 2.0, 4.2])[0])
+    assert four["plcc"] is not None and four["n_images"] == 4
+    with pytest.warns(UserWarning, match=r"final score undefined \(SRCC, PLCC undefined"):
+        three = score(GT[:3], PRED[:3])
+    assert three["srcc"] is None and three["plcc"] is None and three["plcc_pred_to_gt"] is None
+    assert three["final"] is None and three["acc"] == pytest.approx(1 / 3)  # ACC needs no fit
+    flat = [dict(r, total_score=3.0) for r in PRED]
+    with pytest.warns(UserWarning, match="constant"):
+        m = score(GT, flat)
+    assert m["srcc"] is None and m["plcc"] is None and m["acc"] == pytest.approx(0.5)
+    with pytest.warns(UserWarning):
+        assert score([dict(r, total_score=2.0) for r in GT], PRED)["srcc"] is None  # constant ground truth
+
+
+def test_a_fit_that_does_not_converge_gives_an_undefined_plcc(monkeypatch):
+    from imatch import evaluate
+
+    monkeypatch.setattr(evaluate, "MAXFEV", 1)
+    gt, pred = realistic(20)
+    assert np.isnan(evaluate.plcc_official(gt, pred))
 
 
 def test_plcc_is_fitted_from_ground_truth_to_predictions():
@@ -91,9 +173,61 @@ def test_bad_prediction_files_name_file_and_record(tmp_path, content, message):
 def test_cli_prints_metrics_and_fails_cleanly(tmp_path, imatch):
     (tmp_path / "gt.json").write_text(json.dumps(GT))
     (tmp_path / "pred.json").write_text(json.dumps(PRED))
-    code, out, _ = imatch("evaluate", "--gt", tmp_path / "gt.json", "--pred", tmp_path / "pred.json")
+    code, out, _ = imatch("evaluate", "--gt", tmp_path / "gt.json", "--pred", tmp_path / "pred.json",
+                          "--out", tmp_path / "m.json")
     assert code == 0
-    assert set(json.loads(out)) >= {"srcc", "plcc", "acc", "final"}
+    assert json.loads(out) == score(GT, PRED) == json.loads((tmp_path / "m.json").read_text())
+    assert json.loads(out)["srcc"] == pytest.approx(0.9) and json.loads(out)["acc"] == 0.5
     (tmp_path / "pred.json").write_text(json.dumps(PRED[:3]))
     code, _, err = imatch("evaluate", "--gt", tmp_path / "gt.json", "--pred", tmp_path / "pred.json")
     assert code == 2 and "pred.json" in err and "image set differs" in err
+
+
+def _predictor(root, name, split, totals, element_scores):
+    import pandas as pd
+
+    folder = root / name / split
+    folder.mkdir(parents=True)
+    pd.DataFrame({"img_path": [r["img_path"] for r in GT], "total_score": totals}).to_parquet(folder / "predictions.parquet")
+    pd.DataFrame({"img_path": [r["img_path"] for r in GT if r["element_score"]], "element": "x",
+                  "score": element_scores}).to_parquet(folder / "element_predictions.parquet")
+    return folder / "predictions.parquet"
+
+
+def test_several_predictors_are_scored_through_the_submission_format(tmp_path):
+    import pandas as pd
+
+    from imatch.evaluate import evaluate_predictors
+
+    pd.DataFrame({"img_path": [r["img_path"] for r in GT] + ["t.png"], "prompt": "p",
+                  "split": ["val"] * 5 + ["test"], "total_score": [r["total_score"] for r in GT] + [None]}
+                 ).to_parquet(tmp_path / "s.parquet")
+    pd.DataFrame({"img_path": [r["img_path"] for r in GT if r["element_score"]], "element": "x",
+                  "score": [r["element_score"]["x"] for r in GT if r["element_score"]]}).to_parquet(tmp_path / "e.parquet")
+    (tmp_path / "gt.json").write_text(json.dumps(GT))
+    good = _predictor(tmp_path, "good", "val", [r["total_score"] for r in PRED], [0.5, 0.5, 0.49, 0.1])
+    flat = _predictor(tmp_path, "flat", "val", [1.0, 2.0, 3.0, 5.0, 4.0], [1.0, 1.0, 1.0, 1.0])
+    out = evaluate_predictors(tmp_path / "gt.json", tmp_path / "s.parquet", tmp_path / "e.parquet", "val", [good, flat])
+    assert out["split"] == "val" and list(out["predictors"]) == ["good", "flat"]
+    assert out["predictors"]["good"] == score(GT, PRED)
+    assert out["predictors"]["good"]["srcc"] == pytest.approx(0.9) and out["predictors"]["good"]["acc"] == 0.5
+    assert out["predictors"]["flat"]["srcc"] == pytest.approx(0.9) and out["predictors"]["flat"]["acc"] == 0.5
+    with pytest.raises(InputError) as err:
+        evaluate_predictors(tmp_path / "gt.json", tmp_path / "s.parquet", tmp_path / "e.parquet", "val", [good, good])
+    assert str(err.value) == f"{good}: predictor 'good' given twice"
+    other = _predictor(tmp_path, "other", "test", [3.0] * 5, [0.0] * 4)
+    with pytest.raises(InputError) as err:
+        evaluate_predictors(tmp_path / "gt.json", tmp_path / "s.parquet", tmp_path / "e.parquet", "val", [other])
+    assert str(err.value) == f"{other}: is not a prediction of the val split"
+
+    # the metrics files of several splits collected into one table, sorted by split then predictor
+    from imatch.evaluate import metrics_table
+
+    (tmp_path / "val.json").write_text(json.dumps(out))
+    (tmp_path / "holdout.json").write_text(json.dumps({"split": "holdout", "predictors": {"b": {"srcc": 0.1},
+                                                                                         "a": {"srcc": 0.2}}}))
+    table = metrics_table([str(tmp_path / "val.json"), tmp_path / "holdout.json"])
+    assert table[["split", "predictor"]].values.tolist() == [["holdout", "a"], ["holdout", "b"], ["val", "flat"],
+                                                             ["val", "good"]]
+    assert table["srcc"].tolist()[:2] == [0.2, 0.1] and table.index.tolist() == [0, 1, 2, 3]
+    assert table.loc[3, "acc"] == 0.5 and table.columns.tolist()[:3] == ["predictor", "split", "srcc"]

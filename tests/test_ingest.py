@@ -212,3 +212,226 @@ def test_a_template_tag_in_an_eval_json_element_key_is_named():
         _eval_elements({"total_score": 3, "element_score": {"a <image> (object)": 1}}, {"_elements": []},
                        Path("eval.json"), "record 1")
     assert str(refused.value).startswith("eval.json: record 1")
+
+
+# ------------------------------------------------------------------------------------------------
+# Parsing, record by record (no files of images): values by hand, every refusal by its message
+# ------------------------------------------------------------------------------------------------
+from pathlib import Path  # noqa: E402
+
+from imatch.ingest import (  # noqa: E402
+    Skips, _eval_elements, _score, join_labels, load_records, parse_file, parse_record,
+)
+
+P = Path("train_list.json")
+REC = {"prompt_id": "00110", "prompt": "A puffin sitting in a booth", "type": "real", "img_path": "SDXL/00110.png",
+       "total_score": [4, 3, 3], "element_score": {"puffin (animal)": [1, 1, 1], "ring (donut) (object)": [0, 1, 0]},
+       "promt_meaningless": [0, 0, 1], "split_confidence": [1, 0], "attribute_confidence": [1, 1, 1, 0],
+       "fidelity_label": ["ok"]}
+
+
+def test_a_record_parses_to_annotator_means():
+    row, els = parse_record(REC, 0, P, require_labels=True)
+    assert row == {"img_path": "SDXL/00110.png", "prompt_id": "00110", "prompt": "A puffin sitting in a booth",
+                   "prompt_type": "real", "total_score": pytest.approx(10 / 3), "n_annotators": 3,
+                   "prompt_meaningless": pytest.approx(1 / 3), "split_confidence": 0.5, "attribute_confidence": 0.75}
+    assert els == [
+        {"img_path": "SDXL/00110.png", "element": "puffin (animal)", "phrase": "puffin", "category": "animal",
+         "score": 1.0},
+        {"img_path": "SDXL/00110.png", "element": "ring (donut) (object)", "phrase": "ring (donut)",
+         "category": "object", "score": pytest.approx(1 / 3)},
+    ]
+    # the correct spelling is read too; absent metadata and an unlabelled record give None
+    plain = {k: v for k, v in REC.items() if k not in ("promt_meaningless", "split_confidence", "total_score",
+                                                       "element_score")}
+    row, els = parse_record({**plain, "prompt_meaningless": [1, 1]}, 3, P, require_labels=False)
+    assert row["prompt_meaningless"] == 1.0 and row["split_confidence"] is None
+    assert row["total_score"] is None and row["n_annotators"] == 0 and els == []
+    # already averaged numbers (eval.json style) and empty lists
+    row, els = parse_record({**REC, "total_score": 2.5, "element_score": {"a (b)": 0.25}, "split_confidence": []},
+                            0, P, require_labels=True)
+    assert (row["total_score"], row["n_annotators"], row["split_confidence"]) == (2.5, 1, None)
+    assert els[0]["score"] == 0.25
+    assert row["prompt_type"] == "real" and parse_record({**REC, "type": "synthetic"}, 0, P,
+                                                         require_labels=True)[0]["prompt_type"] == "synthetic"
+
+
+def test_annotator_scores_are_checked_against_their_scale():
+    assert _score([1, 5], lo=1, hi=5, field="f", path=P, label="r") == (3.0, 2)
+    assert _score(None, lo=1, hi=5, field="f", path=P, label="r") == (None, 0)
+    assert _score([], lo=1, hi=5, field="f", path=P, label="r") == (None, 0)
+    assert _score(0, lo=0, hi=1, field="f", path=P, label="r") == (0.0, 1)  # a bare number: one annotator
+    for bad, why in [([0], "0 is out of range [1, 5]"), ([6], "6 is out of range [1, 5]"),
+                     ([True], "True is not a finite number"), (["3"], "'3' is not a finite number"),
+                     ([float("nan")], "nan is not a finite number"), ([float("inf")], "inf is not a finite number"),
+                     ([10**400], "is out of range [1, 5]")]:
+        with pytest.raises(InputError) as err:
+            _score(bad, lo=1, hi=5, field="total_score", path=P, label="record 2")
+        assert str(err.value).startswith("train_list.json: record 2: total_score: ") and why in str(err.value)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"prompt_id": None}, "missing required field 'prompt_id'"),
+    ({"prompt": ""}, "missing required field 'prompt'"),
+    ({"type": None}, "missing required field 'type'"),
+    ({"img_path": ""}, "missing required field 'img_path'"),
+    ({"prompt_id": 110}, "prompt_id must be a string, got 110"),
+    ({"prompt": 3}, "prompt must be a string, got 3"),
+    ({"type": ["real"]}, "type must be a string, got ['real']"),
+    ({"img_path": 7}, "img_path must be a string, got 7"),
+    ({"prompt": "a <image> of"}, "prompt holds '<image>', which ms-swift's templates read as a media or grounding tag, not text"),
+    ({"prompt": "a <bbox> of"}, "prompt holds '<bbox>', which ms-swift's templates read as a media or grounding tag, not text"),
+    ({"type": "fake"}, "type must be one of ['real', 'synthetic'], got 'fake'"),
+    ({"img_path": "/abs/x.png"}, "img_path must be relative to the images folder: '/abs/x.png'"),
+    ({"img_path": "a/../../x.png"}, "img_path must be relative to the images folder: 'a/../../x.png'"),
+    ({"total_score": None}, "missing required field 'total_score' (labelled file)"),
+    ({"total_score": [9]}, "total_score: 9 is out of range [1, 5]"),
+    ({"element_score": None}, "missing required field 'element_score' (labelled file)"),
+    ({"element_score": [1]}, "element_score must be an object, got list"),
+    ({"element_score": {"puffin": [1]}}, "element key 'puffin' has no ' (<category>)' suffix"),
+    ({"element_score": {"a <video> (object)": [1]}}, "element key 'a <video> (object)' holds '<video>', which ms-swift's templates read as a tag"),
+    ({"element_score": {"a (object)": []}}, "element 'a (object)' has no annotator scores (labelled file)"),
+    ({"element_score": {"a (object)": [2]}}, "element_score['a (object)']: 2 is out of range [0, 1]"),
+    ({"promt_meaningless": [2]}, "promt_meaningless: 2 is out of range [0, 1]"),
+    ({"split_confidence": [-1]}, "split_confidence: -1 is out of range [0, 1]"),
+    ({"attribute_confidence": ["x"]}, "attribute_confidence: 'x' is not a finite number"),
+])
+def test_each_bad_field_is_named_with_file_and_record(change, message):
+    with pytest.raises(InputError) as err:
+        parse_record({**REC, **change}, 4, P, require_labels=True)
+    img = change.get("img_path", REC["img_path"])
+    label = "record 4" + (f" (img_path={img!r})" if img is not None else "")
+    assert str(err.value) == f"train_list.json: {label}: {message}"
+
+
+def test_an_unlabelled_file_accepts_records_without_labels_but_checks_what_is_there():
+    row, els = parse_record({**REC, "total_score": None, "element_score": {"a (object)": None}}, 0, P,
+                            require_labels=False)
+    assert row["total_score"] is None and els[0]["score"] is None and els[0]["category"] == "object"
+    with pytest.raises(InputError, match="expected a JSON object, got list"):
+        parse_record([1], 5, P, require_labels=False)
+
+
+def test_files_are_read_as_lists_of_records_and_bad_records_skipped_when_allowed(tmp_path):
+    path = tmp_path / "train_list.json"
+    good2 = {**REC, "img_path": "SDXL/2.png"}
+    path.write_text(json.dumps([REC, {**REC, "type": "fake"}, good2]))
+    with pytest.raises(InputError, match="record 1 .*type must be one of"):
+        parse_file(path, "train", require_labels=True)
+    skips = Skips(True)
+    rows, n = parse_file(path, "holdout", require_labels=True, skips=skips)
+    assert n == 3 and [r["img_path"] for r in rows] == ["SDXL/00110.png", "SDXL/2.png"]
+    assert [r["split"] for r in rows] == ["holdout", "holdout"] and len(rows[1]["_elements"]) == 2
+    assert skips.rows == [{"file": str(path), "record": "record 1 (img_path='SDXL/00110.png')",
+                           "img_path": "SDXL/00110.png", "reason": "type must be one of ['real', 'synthetic'], got 'fake'"}]
+    assert skips.counts({str(path): 3, "other.json": 2}) == {str(path): {"read": 3, "kept": 2, "skipped": 1},
+                                                             "other.json": {"read": 2, "kept": 2, "skipped": 0}}
+    path.write_text(json.dumps([REC, "not a record"]))
+    skips = Skips(True)
+    assert len(parse_file(path, "train", require_labels=True, skips=skips)[0]) == 1
+    assert skips.rows[0]["img_path"] is None and skips.rows[0]["record"] == "record 1"
+    for text, message in [("[{", "malformed JSON at line 1 column 3: Expecting property name enclosed in double quotes"),
+                          ('{"a": 1}', "expected a JSON list of records, got dict")]:
+        path.write_text(text)
+        with pytest.raises(InputError) as err:
+            load_records(path)
+        assert str(err.value) == f"{path}: {message}"
+    path.write_bytes(b'["\xff"]')
+    with pytest.raises(InputError, match=r"not UTF-8 text \(invalid start byte at byte 2\)"):
+        load_records(path)
+    with pytest.raises(InputError) as err:
+        load_records(tmp_path / "absent.json")
+    assert str(err.value) == f"{tmp_path / 'absent.json'}: file not found"
+    path.write_text(json.dumps([REC]))
+    assert load_records(str(path)) == [REC]
+
+
+def _val_rows():
+    rec = {**REC, "total_score": None, "element_score": {"puffin (animal)": None, "ring (donut) (object)": None}}
+    rows = []
+    for img in ("v/1.png", "v/2.png"):
+        row, els = parse_record({**rec, "img_path": img}, 0, Path("test.json"), require_labels=False)
+        rows.append({**row, "split": "val", "_elements": [dict(e, img_path=img) for e in els]})
+    return rows
+
+
+def test_val_labels_are_joined_from_eval_json(tmp_path):
+    path = tmp_path / "eval.json"
+    labels = [{"img_path": "v/2.png", "total_score": 2.5, "element_score": {"ring (donut) (object)": 0.0,
+                                                                           "puffin (animal)": 0.75}},
+              {"img_path": "v/1.png", "total_score": [5, 4], "element_score": {"puffin (animal)": [1, 0],
+                                                                              "ring (donut) (object)": 1}}]
+    path.write_text(json.dumps(labels))
+    kept, n = join_labels(_val_rows(), path)
+    assert n == 2 and [r["img_path"] for r in kept] == ["v/1.png", "v/2.png"]
+    assert [r["total_score"] for r in kept] == [4.5, 2.5]
+    # element order of the inputs, values from eval.json
+    assert [(e["element"], e["phrase"], e["category"], e["score"]) for e in kept[0]["_elements"]] == [
+        ("puffin (animal)", "puffin", "animal", 0.5), ("ring (donut) (object)", "ring (donut)", "object", 1.0)]
+    assert [e["score"] for e in kept[1]["_elements"]] == [0.75, 0.0]
+    assert all(e["img_path"] == r["img_path"] for r in kept for e in r["_elements"])
+
+
+def test_eval_json_problems_are_named_or_skipped(tmp_path):
+    path = tmp_path / "eval.json"
+    ok = {"img_path": "v/1.png", "total_score": 3, "element_score": {"puffin (animal)": 1, "ring (donut) (object)": 0}}
+    ok2 = dict(ok, img_path="v/2.png")
+    cases = [
+        ([ok], "1 validation images have no labels, e.g. 'v/2.png'", None),
+        ([ok, ok2, dict(ok, img_path="v/9.png")], "labels for an unknown image (not in the validation inputs)", "record 2"),
+        ([ok, ok2, ok], "duplicate img_path", "record 2"),
+        ([ok, {"total_score": 3}], "missing required field 'img_path'", "record 1"),
+        ([ok, dict(ok2, total_score=None)], "missing required field 'total_score'", "record 1"),
+        ([ok, dict(ok2, total_score=7)], "total_score: 7 is out of range [1, 5]", "record 1"),
+        ([ok, dict(ok2, element_score=None)], "missing required field 'element_score'", "record 1"),
+        ([ok, dict(ok2, element_score={"puffin (animal)": 1})],
+         "element keys ['puffin (animal)'] differ from the inputs' ['puffin (animal)', 'ring (donut) (object)']", "record 1"),
+        ([ok, dict(ok2, element_score={"puffin (animal)": 1, "ring (donut) (object)": 3})],
+         "element_score['ring (donut) (object)']: 3 is out of range [0, 1]", "record 1"),
+    ]
+    for labels, message, record in cases:
+        path.write_text(json.dumps(labels))
+        with pytest.raises(InputError) as err:
+            join_labels(_val_rows(), path)
+        where = str(path) if record is None else f"{path}: {record}" + (
+            f" (img_path={labels[int(record[-1])]['img_path']!r})" if "img_path" in labels[int(record[-1])] else "")
+        assert str(err.value) == f"{where}: {message}"
+    # skipping: the bad label is listed, and so is the input it leaves without labels
+    path.write_text(json.dumps([ok, dict(ok2, total_score=7), dict(ok, img_path="v/9.png")]))
+    skips = Skips(True)
+    kept, n = join_labels(_val_rows(), path, skips=skips, val_path=Path("test.json"),
+                          skipped_inputs=frozenset({"v/9.png"}))
+    assert n == 3 and [r["img_path"] for r in kept] == ["v/1.png"]
+    assert [(r["file"], r["img_path"], r["reason"]) for r in skips.rows] == [
+        (str(path), "v/2.png", "total_score: 7 is out of range [1, 5]"),
+        (str(path), "v/9.png", "labels for an unknown image (its input record was skipped)"),
+        ("test.json", "v/2.png", f"no labels in {path}"),
+    ]
+    assert skips.rows[2]["record"] == "img_path='v/2.png'"
+
+
+def test_eval_json_labels_of_an_input_without_elements():
+    total, joined = _eval_elements({"total_score": [2, 3], "element_score": {"cat (animal)": [1, 1]}},
+                                   {"img_path": "v/3.png", "_elements": []}, Path("eval.json"), "record 0")
+    assert total == 2.5 and joined == [{"img_path": "v/3.png", "element": "cat (animal)", "phrase": "cat",
+                                        "category": "animal", "score": 1.0}]
+    with pytest.raises(InputError) as err:
+        _eval_elements({"total_score": 3, "element_score": {"cat": 1}}, {"img_path": "v/3.png", "_elements": []},
+                       Path("eval.json"), "record 0")
+    assert str(err.value) == "eval.json: record 0: element key 'cat' has no ' (<category>)' suffix"
+
+
+def test_holdout_size_is_the_rounded_fraction_of_prompts_with_a_train_side():
+    ids = [f"{i:03d}" for i in range(10)]
+    assert len(holdout_prompts(ids, 0.25, seed=0)) == 2  # round(2.5) = 2 (Python rounds to even)
+    assert len(holdout_prompts(ids, 0.35, seed=0)) == 4  # round(3.5) = 4
+    assert len(holdout_prompts(ids, 0.01, seed=0)) == 1  # at least one prompt held out
+    assert len(holdout_prompts(ids, 0.99, seed=0)) == 9  # at least one prompt left for training
+    assert holdout_prompts(ids, 0.0, seed=0) == set() and holdout_prompts(["a"], 0.5, seed=0) == set()
+    assert holdout_prompts(ids, 0.3, seed=0) <= set(ids)
+    # the choice is numpy's seeded permutation of the sorted ids
+    perm = np.random.default_rng(5).permutation(10)[:3]
+    assert holdout_prompts(ids[::-1], 0.3, seed=5) == {ids[i] for i in perm}
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match=f"holdout fraction must be in \\[0, 1\\), got {bad}"):
+            holdout_prompts(ids, bad, seed=0)

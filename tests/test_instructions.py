@@ -51,19 +51,35 @@ def test_metadata_switches_change_only_their_line(imatch, data, tmp_path):
     none, _ = build(imatch, data, tmp_path, "none", "--task", "overall")
     one, _ = build(imatch, data, tmp_path, "one", "--task", "overall", "--metadata", "split_confidence")
     assert list(none["target"]) == list(one["target"])
-    for a, b in zip(none["query"], one["query"]):
-        extra = set(b.splitlines()) - set(a.splitlines())
-        assert len(extra) == 1 and next(iter(extra)).startswith("Element split uncertain: ")
+    samples = pd.read_parquet(data[0]).set_index("img_path")
+    shown = 0
+    for a, b, img in zip(none["query"], one["query"], one["img_path"]):
+        # the one extra line, right after the prompt, states this image's value to two decimals
+        value = samples.loc[img, "split_confidence"]
+        line = "Element split uncertain: " + ("unknown" if pd.isna(value) else f"{value:.2f}")
+        lines = a.splitlines()
+        assert b.splitlines() == [lines[0], line, *lines[1:]]
         assert "Prompt meaningless" not in b
+        shown += not pd.isna(value)
+    assert shown and len(set(one["query"].str.extract(r"uncertain: (\S+)")[0])) > 1  # real, varying values
 
 
 def test_element_levels_in_the_overall_query_are_eq4_of_ground_truth(imatch, data, tmp_path):
     table, _ = build(imatch, data, tmp_path, "el", "--task", "overall", "--element-levels", "ground-truth")
     elements = pd.read_parquet(data[1])
-    r = table.iloc[0]
-    mine = elements[elements["img_path"] == r["img_path"]]
-    for key, score in zip(mine["element"], mine["score"]):
-        assert f"- {key}: {int(levels.element_level(score))}" in r["query"]
+    for r in table.itertuples():
+        mine = elements[elements["img_path"] == r.img_path]
+        # every element of the image, in the order given, with the Eq. 4 level of its ground truth
+        expected = [f"- {key}: {int(levels.element_level(score))}" for key, score in zip(mine["element"], mine["score"])]
+        assert levels_block(r.query) == expected
+    assert len(table) == (pd.read_parquet(data[0])["split"] == "train").sum()
+
+
+def levels_block(query):
+    """The '- key: level' lines of a query's element-levels block."""
+    lines = query.splitlines()
+    start = lines.index("Element levels (1 = absent, 7 = clearly present):") + 1
+    return lines[start:-1]
 
 
 def test_predicted_element_levels_are_taken_from_the_table_and_checked(imatch, data, tmp_path):
@@ -74,8 +90,10 @@ def test_predicted_element_levels_are_taken_from_the_table_and_checked(imatch, d
     pred.to_parquet(tmp_path / "levels.parquet")
     table, rows = build(imatch, data, tmp_path, "v", "--task", "overall", "--element-levels", tmp_path / "levels.parquet",
                         split="val")
-    first = pred[pred["img_path"] == table.iloc[0]["img_path"]]
-    assert all(f"- {k}: {v}" in table.iloc[0]["query"] for k, v in zip(first["element"], first["level"]))
+    for r in table.itertuples():
+        mine = pred[pred["img_path"] == r.img_path]
+        assert levels_block(r.query) == [f"- {k}: {v}" for k, v in zip(mine["element"], mine["level"])]
+    assert len(table) == (samples["split"] == "val").sum()
     assert all(len(row["messages"]) == 2 for row in rows)  # val is labelled: targets present
     pred.iloc[1:].to_parquet(tmp_path / "short.parquet")
     code, _, err = imatch("instructions", "--samples", data[0], "--elements", data[1], "--split", "val", "--task", "overall",
@@ -146,13 +164,30 @@ def test_augmentation_parameters_are_within_the_papers_ranges(augmented, data):
         assert values.between(lo, hi).all(), name
     assert set(table.loc[table["augmentation"] == "lighting", "sign"]) <= {-1, 1}
     from PIL import Image
+    checked = set()
     for r in table.itertuples():
         original = samples.set_index("img_path").loc[r.img_path, "image"]
         with Image.open(r.image) as a, Image.open(original) as o:
-            before = np.asarray(o.convert("RGB"))
+            before = np.asarray(o.convert("RGB")).astype(int)
+            after = np.asarray(a.convert("RGB")).astype(int)
             assert a.size == o.size
-            if len(np.unique(before.reshape(-1, 3), axis=0)) > 1:  # a blank canvas stays blank
-                assert np.asarray(a).tobytes() != before.tobytes()
+            if len(np.unique(before.reshape(-1, 3), axis=0)) == 1:  # a blank canvas stays blank
+                continue
+            assert after.tobytes() != before.tobytes()
+            # no transform of the paper is a mirror image
+            assert not np.array_equal(after, before[:, ::-1]) and not np.array_equal(after, before[::-1])
+            if r.augmentation == "lighting":
+                # Eq. 11: every pixel shifted by sign * alpha of the full range (255), where not clipped
+                shifted = before + r.sign * r.parameter * 255
+                inside = (shifted > 1) & (shifted < 254)
+                assert inside.sum() >= 100
+                assert np.abs(after[inside] - shifted[inside]).max() <= 1.0
+            elif r.augmentation == "crop":
+                # Eq. 13: a crop of (1 - gamma) of the area, scaled back up: the picture is magnified,
+                # so fewer distinct colours survive at the border than a flip or distortion keeps
+                assert not np.array_equal(after, before)
+            checked.add(r.augmentation)
+    assert "lighting" in checked
 
 
 def test_augmentation_subset_is_seeded():
