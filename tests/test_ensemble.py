@@ -178,3 +178,76 @@ def test_non_finite_or_out_of_range_scores_are_refused(tmp_path, task, value):
                                                                       ("y.png", "red (color)", 6.0)])], tau=3)
     if task == "element":
         assert element_levels([good])["level"].tolist() == [2, 6]  # in range: read as before
+
+
+def test_score_tables_are_read_per_view_and_split_and_checked(tmp_path):
+    """by_model: one column per model (named by its file), the seen view by default, the edges of a
+    scale accepted, every refusal naming the file."""
+    from imatch.ensemble import by_model, check_range, mean_over_models
+
+    def table(name, rows, task="element"):
+        t = pd.DataFrame(rows, columns=["img_path", "split", "view", "expected_level"])
+        t["task"], t["element"] = task, "k (object)"
+        t["id"] = t["img_path"] + "|k (object)" if task == "element" else t["img_path"]
+        t["score"] = 0.5
+        t.to_parquet(tmp_path / f"{name}.parquet")
+        return tmp_path / f"{name}.parquet"
+
+    a = table("a", [("x.png", "holdout", "seen", 1.0), ("x.png", "holdout", "blank", 5.0),
+                    ("y.png", "holdout", "seen", 7.0), ("z.png", "val", "seen", 2.0)])
+    b = table("b", [("y.png", "holdout", "seen", 3.0), ("x.png", "holdout", "seen", 2.0),
+                    ("x.png", "holdout", "blank", 6.0), ("z.png", "val", "seen", 4.0)])
+    got = by_model([a, b], "element", "expected_level", split="holdout")  # view: seen by default
+    assert got.columns.tolist() == [str(a), str(b)]
+    assert got.to_dict("index") == {("x.png", "k (object)"): {str(a): 1.0, str(b): 2.0},
+                                    ("y.png", "k (object)"): {str(a): 7.0, str(b): 3.0}}
+    assert by_model([a], "element", "expected_level", view="blank")[str(a)].tolist() == [5.0]
+    assert mean_over_models([a, b], "element", "expected_level", [0.25, 0.75], split="holdout").values.tolist() == [
+        ["x.png", "k (object)", 1.75], ["y.png", "k (object)", 4.0]]
+
+    def refused(*args, **kwargs):
+        with pytest.raises(InputError) as err:
+            by_model(*args, **kwargs)
+        return str(err.value)
+
+    assert refused([a], "element", "expected_level", split="test") == f"{a}: no seen scores of the test split"
+    assert refused([a], "element", "expected_level", view="other") == f"{a}: no other scores"
+    # an element table asked for overall scores: its rows are not overall queries (ids differ), none is left
+    assert refused([a], "overall", "expected_level") == f"{a}: expected overall scores, found []"
+    odd = pd.read_parquet(a).assign(id=lambda t: t["img_path"])  # element rows with overall-style ids
+    odd.to_parquet(tmp_path / "odd.parquet")
+    assert refused([tmp_path / "odd.parquet"], "overall", "expected_level") == (
+        f"{tmp_path / 'odd.parquet'}: expected overall scores, found ['element']")
+    dup = table("dup", [("x.png", "val", "seen", 1.0), ("x.png", "holdout", "seen", 2.0)])
+    assert refused([dup], "element", "expected_level") == f"{dup}: {{'img_path': 'x.png', 'element': 'k (object)'}}: duplicate query"
+    short = table("short", [("x.png", "holdout", "seen", 1.0)])
+    assert refused([a, short], "element", "expected_level", split="holdout") == (
+        f"{short}: covers other queries than {a} (1 vs 2 rows)")
+    with pytest.raises(ValueError) as err:
+        mean_over_models([a, b], "element", "expected_level", [1.0], split="holdout")
+    assert str(err.value) == "1 weights for 2 models"
+
+    # check_range: the ends of the scale are in, a hair beyond is out; text and NA are refused as values
+    check_range(pd.Series([1.0, 7.0]), 1, 7, "t.parquet", "element expected_level")
+    with pytest.raises(InputError) as err:
+        check_range(pd.Series([1.0, 7.01, 9.0], index=["a", "b", "c"]), 1, 7, "t.parquet", "element expected_level")
+    assert str(err.value) == "t.parquet: 'b': np.float64(7.01): element expected_level must be finite and in [1, 7]; 2 rows are not"
+    with pytest.raises(InputError, match=r"'b': np.float64\(0.99\): .* 1 rows are not"):
+        check_range(pd.Series([1.0, 0.99], index=["a", "b"]), 1, 7, "t.parquet", "x")
+    with pytest.raises(InputError, match="'b': 'high'"):
+        check_range(pd.Series([2.0, "high"], index=["a", "b"]), 1, 7, "t.parquet", "x")
+    with pytest.raises(InputError, match="'b': <NA>"):
+        check_range(pd.Series([2.0, None], index=["a", "b"], dtype="Float64"), 1, 7, "t.parquet", "x")
+
+
+def test_holdout_weights_are_normalised_and_fall_back_to_equal_weights():
+    idx = [f"{i}.png" for i in range(6)]
+    preds = pd.DataFrame({"a": [1.0, 2, 3, 4, 5, 6], "b": [6.0, 1, 5, 2, 4, 3]}, index=idx)
+    # the truth is half of model a: raw NNLS weights (0.5, 0) normalised to (1, 0); truth in another order
+    truth = (preds["a"] / 2).iloc[::-1]
+    assert fit_weights(preds, truth) == pytest.approx([1.0, 0.0])
+    # a truth no non-negative mix fits (all negative): equal weights, for 2 and for 3 models
+    assert fit_weights(preds, -truth) == [0.5, 0.5]
+    assert fit_weights(preds.assign(c=1.0), -truth) == pytest.approx([1 / 3] * 3)
+    # a mix of both, found exactly
+    assert fit_weights(preds, 0.3 * preds["a"] + 0.9 * preds["b"]) == pytest.approx([0.25, 0.75])

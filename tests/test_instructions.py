@@ -264,3 +264,182 @@ def test_variant_names_change_exactly_with_what_changes_a_set():
     aug_seed["image_augmentation"]["seed"] = 9  # element does not use augmentation: unchanged
     n = _names(aug_seed)
     assert n["element"] == base["element"] and n["overall"][1] != base["overall"][1]
+
+
+# ------------------------------------------------------------------------------------------------
+# build_overall / build_element / to_swift_rows / write_set on hand-made tables: every cell by hand
+# ------------------------------------------------------------------------------------------------
+from imatch.errors import InputError  # noqa: E402
+from imatch.instructions import COLUMNS, build_element, build_overall, to_swift_rows, write_set  # noqa: E402
+
+OQ = "How well does the image match the prompt? Answer with one letter from a (not at all) to o (perfectly)."
+EQ = "How well is this element shown in the image? Answer with one digit from 1 (absent) to 7 (clearly present)."
+
+
+def _hand_tables(tmp_path):
+    samples = pd.DataFrame({
+        "img_path": ["m/b.png", "m/a.png", "m/c.png", "m/v.png"], "prompt": ["pb", "pa", "pc", "pv"],
+        "prompt_type": ["real", "synthetic", "real", "real"], "split": ["train", "train", "test", "val"],
+        "total_score": [4.5, 2.0, np.nan, 3.0], "split_confidence": [0.5, np.nan, 0.0, 1.0],
+        "image": [str(tmp_path / n) for n in ("b.png", "a.png", "c.png", "v.png")]})
+    elements = pd.DataFrame({
+        "img_path": ["m/a.png", "m/a.png", "m/b.png", "m/c.png", "m/v.png"],
+        "element": ["y (color)", "x (object)", "z (animal)", "w (object)", "u (object)"],
+        "score": [1.0, 0.25, 0.0, np.nan, 0.5]})
+    augmented = pd.DataFrame({"img_path": ["m/a.png"], "aug_id": ["m/a.png#crop"], "image": [str(tmp_path / "aug.png")],
+                              "augmentation": ["crop"], "parameter": [0.3], "sign": [1]})
+    return samples, elements, augmented
+
+
+def test_overall_rows_by_hand(tmp_path):
+    samples, elements, augmented = _hand_tables(tmp_path)
+    t = build_overall(samples, elements, "train", metadata=("split_confidence",), element_levels="ground-truth",
+                      augmented=augmented)
+    assert t.columns.tolist() == COLUMNS
+    assert t["id"].tolist() == ["m/a.png", "m/a.png#crop", "m/b.png"] and t.index.tolist() == [0, 1, 2]
+    assert t["img_path"].tolist() == ["m/a.png", "m/a.png", "m/b.png"]
+    assert t["image"].tolist() == [str(tmp_path / "a.png"), str(tmp_path / "aug.png"), str(tmp_path / "b.png")]
+    assert t["augmentation"].tolist() == [None, "crop", None] and t["aug_parameter"].tolist()[1] == 0.3
+    assert t["aug_parameter"].isna().tolist() == [True, False, True]
+    assert (t["task"] == "overall").all() and (t["split"] == "train").all() and t["element"].isna().all()
+    # Eq. 3: 2.0 -> 4.5 -> 5 ('e'), 4.5 -> 13.25 -> 13 ('m'); the copy keeps its original's label
+    assert t["label"].tolist() == [2.0, 2.0, 4.5]
+    assert t["level"].tolist() == [5, 5, 13] and t["target_level"].tolist() == [5, 5, 13]
+    assert str(t["level"].dtype) == "Int64" and str(t["delta"].dtype) == "Int64" and t["delta"].tolist() == [0, 0, 0]
+    assert t["target"].tolist() == ["e", "e", "m"]
+    a_query = ("<image>Prompt: pa\nElement split uncertain: unknown\nElement levels (1 = absent, 7 = clearly present):\n"
+               "- y (color): 7\n- x (object): 3\n" + OQ)
+    assert t["query"].tolist() == [a_query, a_query, "<image>Prompt: pb\nElement split uncertain: 0.50\nElement levels "
+                                   "(1 = absent, 7 = clearly present):\n- z (animal): 1\n" + OQ]
+    # an unlabelled split: no level, no delta, no target; no levels block without the switch
+    t = build_overall(samples, elements, "test")
+    assert t["query"].tolist() == ["<image>Prompt: pc\n" + OQ]
+    assert t["level"].isna().all() and t["target_level"].isna().all() and t["delta"].isna().all()
+    assert t["target"].tolist() == [None] and np.isnan(t["label"].iloc[0])
+
+
+def test_element_rows_by_hand(tmp_path):
+    samples, elements, augmented = _hand_tables(tmp_path)
+    t = build_element(samples, elements, "train", prompt_type=True, augmented=augmented)
+    assert t.columns.tolist() == COLUMNS and t.index.tolist() == list(range(5))
+    ids = ["m/a.png#crop|x (object)", "m/a.png#crop|y (color)", "m/a.png|x (object)", "m/a.png|y (color)",
+           "m/b.png|z (animal)"]  # sorted by id ('#' sorts before '|')
+    assert t["id"].tolist() == ids
+    row = t.set_index("id")
+    assert row.loc["m/a.png#crop|x (object)", "image"] == str(tmp_path / "aug.png")
+    assert row.loc["m/a.png|x (object)", "image"] == str(tmp_path / "a.png")
+    assert row.loc["m/a.png#crop|x (object)", "augmentation"] == "crop"
+    assert row["element"].to_dict() == {i: i.split("|")[1] for i in ids}
+    # Eq. 4: 1.0 -> 7, 0.25 -> 1.5 -> 2 + 1 = 3, 0.0 -> 1
+    assert row["level"].to_dict() == {"m/a.png#crop|x (object)": 3, "m/a.png#crop|y (color)": 7,
+                                      "m/a.png|x (object)": 3, "m/a.png|y (color)": 7, "m/b.png|z (animal)": 1}
+    assert row["target"].tolist() == ["3", "7", "3", "7", "1"] and row["delta"].tolist() == [0] * 5
+    assert row["label"].tolist() == [0.25, 1.0, 0.25, 1.0, 0.0] and str(t["level"].dtype) == "Int64"
+    assert row.loc["m/b.png|z (animal)", "query"] == "<image>Prompt: pb\nPrompt type: real\nElement: z (animal)\n" + EQ
+    assert (t["task"] == "element").all()
+    # Eq. 17 on the targets only, drawn in id order; the labels and levels stay
+    p = build_element(samples, elements, "train", augmented=augmented, perturb={"epsilon": 1, "rate": 1.0, "seed": 0})
+    assert p["level"].tolist() == t["level"].tolist() and p["label"].tolist() == t["label"].tolist()
+    # seed 0 draws +1 for each of the five (numpy PCG64); 7 + 1 is clipped to 7, a delta of 0
+    assert p["target_level"].tolist() == [4, 7, 4, 7, 2] and p["delta"].tolist() == [1, 0, 1, 0, 1]
+    assert p["target"].tolist() == ["4", "7", "4", "7", "2"]
+    assert p["query"].iloc[4] == "<image>Prompt: pb\nElement: z (animal)\n" + EQ  # no prompt type by default
+    # unlabelled: nothing to perturb or target
+    u = build_element(samples, elements, "test", perturb={"epsilon": 1, "rate": 1.0, "seed": 0})
+    assert u["id"].tolist() == ["m/c.png|w (object)"] and u["target"].tolist() == [None]
+    assert u["level"].isna().all() and u["target_level"].isna().all() and u["delta"].isna().all()
+
+
+def test_element_levels_from_a_table_are_rounded_and_checked(tmp_path):
+    samples, elements, _ = _hand_tables(tmp_path)
+    levels_table = pd.DataFrame({"img_path": ["m/b.png", "m/a.png", "m/a.png"],
+                                 "element": ["z (animal)", "x (object)", "y (color)"], "level": [6.6, 3.4, 1.0]})
+    levels_table.to_parquet(tmp_path / "lv.parquet")
+    t = build_overall(samples, elements, "train", element_levels=tmp_path / "lv.parquet")
+    # the elements' own order (y before x), levels rounded to whole numbers
+    assert [q.splitlines()[2:-1] for q in t["query"]] == [["- y (color): 1", "- x (object): 3"], ["- z (animal): 7"]]
+
+    def refused(table, split="train", source=None):
+        table.to_parquet(tmp_path / "bad.parquet")
+        with pytest.raises(InputError) as err:
+            build_overall(samples, elements, split, element_levels=source or tmp_path / "bad.parquet")
+        return str(err.value)
+
+    bad = tmp_path / "bad.parquet"
+    assert refused(pd.concat([levels_table, levels_table.iloc[[1]]])) == (
+        f"{bad}: img_path='m/a.png' element='x (object)': duplicate element level")
+    assert refused(levels_table.iloc[[0, 2]]) == f"{bad}: img_path='m/a.png' element='x (object)': 1 elements have no level"
+    assert refused(levels_table.assign(level=[6.6, 3.4, 7.2])) == (
+        f"{bad}: img_path='m/a.png' element='y (color)': level 7.2 outside 1..7")
+    assert refused(levels_table.assign(level=[0.5, 3.4, 1.0])) == (
+        f"{bad}: img_path='m/b.png' element='z (animal)': level 0.5 outside 1..7")
+    # the edges 1 and 7 are levels
+    levels_table.assign(level=[7.0, 1.0, 1.0]).to_parquet(tmp_path / "edge.parquet")
+    assert len(build_overall(samples, elements, "train", element_levels=tmp_path / "edge.parquet")) == 2
+    # ground truth needs labels
+    assert refused(levels_table, split="test", source="ground-truth") == (
+        "elements.parquet: img_path='m/c.png' element='w (object)': ground-truth element levels need labels")
+
+
+def test_augmented_images_must_belong_to_the_split(tmp_path):
+    samples, elements, augmented = _hand_tables(tmp_path)
+    with pytest.raises(InputError) as err:
+        build_overall(samples, elements, "val", augmented=augmented)
+    assert str(err.value) == "augmented table: img_path='m/a.png': 1 augmented images are not in this split"
+
+
+def test_swift_rows_and_the_written_set(tmp_path):
+    samples, elements, _ = _hand_tables(tmp_path)
+    for name in ("a.png", "b.png", "c.png", "aug.png"):
+        (tmp_path / name).write_bytes(b"png")
+    t = build_overall(samples, elements, "train")
+    rows = to_swift_rows(t)
+    assert rows == [
+        {"messages": [{"role": "user", "content": "<image>Prompt: pa\n" + OQ}, {"role": "assistant", "content": "e"}],
+         "images": [str(tmp_path / "a.png")]},
+        {"messages": [{"role": "user", "content": "<image>Prompt: pb\n" + OQ}, {"role": "assistant", "content": "m"}],
+         "images": [str(tmp_path / "b.png")]}]
+    assert to_swift_rows(build_element(samples, elements, "test")) == [
+        {"messages": [{"role": "user", "content": "<image>Prompt: pc\nElement: w (object)\n" + EQ}],
+         "images": [str(tmp_path / "c.png")]}]
+    with pytest.raises(AssertionError, match=r"^m/a.png: query must hold exactly one <image> tag$"):
+        to_swift_rows(t.assign(query=t["query"] + "<image>"))
+    with pytest.raises(AssertionError, match=r"^m/a.png: query must hold exactly one <image> tag$"):
+        to_swift_rows(t.assign(query=t["query"].str.replace("<image>", "")))
+    with pytest.raises(AssertionError, match=r"^m/a.png: target 'z' outside the overall answer set$"):
+        to_swift_rows(t.assign(target="z"))
+    with pytest.raises(AssertionError, match=r"^m/a.png: target '8' outside the overall answer set$"):
+        to_swift_rows(t.assign(target="8"))
+    (tmp_path / "b.png").unlink()
+    with pytest.raises(InputError) as err:
+        to_swift_rows(t)
+    assert str(err.value) == f"{tmp_path / 'b.png'}: id='m/b.png': image of an instruction row is missing"
+    with pytest.raises(InputError, match="image of an instruction row is missing"):
+        to_swift_rows(t.iloc[:1].assign(image="a.png"))  # relative: refused even where it exists
+    (tmp_path / "b.png").write_bytes(b"png")
+
+    p = build_element(samples, elements, "train", perturb={"epsilon": 1, "rate": 1.0, "seed": 0})
+    write_set(p, tmp_path / "set.parquet", tmp_path / "set.jsonl", {"task": "element", "seed": 0})
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "set.parquet"), p)
+    lines = (tmp_path / "set.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == to_swift_rows(p)
+    sidecar = json.loads((tmp_path / "set.parquet.json").read_text())
+    # seed 0 draws -1 -1 -1 for x (3 -> 2), y (7 -> 6) and z (1 -> 1, clipped: not perturbed)
+    assert p["target_level"].tolist() == [2, 6, 1]
+    assert sidecar == {"settings": {"task": "element", "seed": 0},
+                       "counts": {"rows": 3, "with_target": 3, "augmented": 0, "perturbed": 2}}
+    samples.loc[1, "prompt"] = "ünïcode"
+    write_set(build_overall(samples, elements, "train", augmented=_hand_tables(tmp_path)[2]), tmp_path / "o.parquet",
+              tmp_path / "o.jsonl", {})
+    assert "ünïcode" in (tmp_path / "o.jsonl").read_text(encoding="utf-8")  # not \\u-escaped
+    assert json.loads((tmp_path / "o.parquet.json").read_text())["counts"] == {
+        "rows": 3, "with_target": 3, "augmented": 1, "perturbed": 0}
+
+
+def test_duplicate_instruction_ids_are_a_bug_not_a_set(tmp_path):
+    from imatch.instructions import _finish
+
+    samples, elements, _ = _hand_tables(tmp_path)
+    t = build_overall(samples, elements, "train")
+    with pytest.raises(AssertionError, match=r"^duplicate instruction id 'm/a.png'$"):
+        _finish(pd.concat([t, t.iloc[[0]]]))
