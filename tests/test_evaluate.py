@@ -231,3 +231,121 @@ def test_several_predictors_are_scored_through_the_submission_format(tmp_path):
                                                              ["val", "good"]]
     assert table["srcc"].tolist()[:2] == [0.2, 0.1] and table.index.tolist() == [0, 1, 2, 3]
     assert table.loc[3, "acc"] == 0.5 and table.columns.tolist()[:3] == ["predictor", "split", "srcc"]
+
+
+def test_the_judges_logistic_by_hand():
+    # at x = b3 the curve is halfway between b2 and b1; |b4| makes the sign of b4 irrelevant
+    assert logistic(3.0, 5.0, 1.0, 3.0, 0.5) == pytest.approx(3.0)
+    x = 3 + 0.5 * np.log(3)  # exp(-(x - b3) / |b4|) = 1/3 -> (5 - 1) / (4/3) + 1 = 4
+    assert logistic(x, 5.0, 1.0, 3.0, -0.5) == pytest.approx(4.0)
+    assert logistic(np.array([-1e3, 1e3]), 5.0, 1.0, 3.0, 0.5) == pytest.approx([1.0, 5.0])
+    assert logistic(2.0, 2.0, 6.0, 2.0, 1.0) == pytest.approx(4.0)
+
+
+def test_a_fit_without_convergence_is_nan_for_every_image(monkeypatch):
+    from imatch import evaluate
+
+    monkeypatch.setattr(evaluate, "MAXFEV", 1)
+    gt, pred = realistic(20)
+    fitted = evaluate._fit_logistic(gt, pred)
+    assert fitted.shape == gt.shape and np.isnan(fitted).all()
+
+
+def test_score_refusals_name_both_files_and_the_image():
+    with pytest.raises(InputError) as err:
+        score(GT, PRED[:-1] + [rec("z.png", 3.0)])
+    assert str(err.value) == ("predictions: image set differs from ground truth: 1 missing (e.g. ['e.png']), "
+                              "1 unexpected (e.g. ['z.png'])")
+    with pytest.raises(InputError) as err:
+        score(GT, [rec(f"{c}.png", 3.0) for c in "afghij"], gt_path="gt.json", pred_path="out.json")
+    assert str(err.value) == ("out.json: image set differs from gt.json: 4 missing (e.g. ['b.png', 'c.png', 'd.png']), "
+                              "5 unexpected (e.g. ['f.png', 'g.png', 'h.png'])")
+    with pytest.raises(InputError) as err:
+        score(GT, PRED + [PRED[3]])  # d.png predicted twice: the same image set, one record too many
+    assert str(err.value) == ("predictions: image set differs from ground truth: 0 missing (e.g. []), 0 unexpected "
+                              "(e.g. []); duplicate img_path entries")
+    with pytest.raises(InputError) as err:
+        score(GT, [dict(r, element_score={}) if r["img_path"] == "c.png" else r for r in PRED], pred_path="o.json")
+    assert str(err.value) == "o.json: img_path='c.png': missing element keys ['x']"
+
+
+def test_a_range_of_exactly_one_is_a_range(recwarn):
+    gt = [rec(f"{i}.png", v, x=0.0) for i, v in enumerate([2.0, 2.5, 2.8, 3.0])]  # ground truth spans 1.0
+    pred = [rec(f"{i}.png", v, x=0.0) for i, v in enumerate([1.0, 4.0, 2.0, 5.0])]
+    m = score(gt, pred)
+    assert m["srcc"] == pytest.approx(spearmanr([2.0, 2.5, 2.8, 3.0], [1.0, 4.0, 2.0, 5.0])[0])
+    assert m["plcc"] is not None and m["acc"] == 1.0
+    m = score(pred, gt)  # predictions span 1.0
+    assert m["srcc"] == pytest.approx(spearmanr([1.0, 4.0, 2.0, 5.0], [2.0, 2.5, 2.8, 3.0])[0])
+    assert not [w for w in recwarn if "undefined" in str(w.message)]
+
+
+def test_the_undefined_warning_points_at_the_caller_and_says_what_is_undefined():
+    with pytest.warns(UserWarning) as caught:
+        score(GT[:3], PRED[:3], pred_path="out.json")
+    assert str(caught[0].message) == (
+        "out.json: final score undefined (SRCC, PLCC undefined: fewer than 4 images, constant total scores, a flat "
+        "or non-converging logistic fit, or no elements); reported as null")
+    assert caught[0].filename == __file__
+    flat = [dict(r, total_score=3.0) for r in PRED]  # constant predictions, varying ground truth
+    with pytest.warns(UserWarning, match=r"\(SRCC, PLCC undefined"):
+        m = score(GT, flat)
+    assert m["srcc"] is None and m["plcc"] is None and m["plcc_pred_to_gt"] is None and m["acc"] == 0.5
+    no_elements = [dict(r, element_score={}) for r in GT]
+    with pytest.warns(UserWarning, match=r"\(ACC undefined"):
+        m = score(no_elements, PRED)
+    assert m["acc"] is None and m["srcc"] == pytest.approx(0.9) and m["n_elements"] == 0
+
+
+@pytest.mark.parametrize("write, message", [
+    (lambda p: None, "file not found"),
+    (lambda p: p.write_text('[1]'), "record 0: expected a JSON object"),
+    (lambda p: p.write_text('[{"img_path": "a.png", "total_score": 3}]'),
+     "record 0 (img_path='a.png'): missing required field 'element_score'"),
+    (lambda p: p.write_text('[{"img_path": "a.png", "total_score": true, "element_score": {}}]'),
+     "record 0 (img_path='a.png'): total_score must be a finite number, got True"),
+    (lambda p: p.write_text('[{"img_path": "a.png", "total_score": 1e999, "element_score": {}}]'),
+     "record 0 (img_path='a.png'): total_score must be a finite number, got inf"),
+    (lambda p: p.write_text('[{"img_path": "a.png", "total_score": 1' + "0" * 400 + ', "element_score": {}}]'),
+     "record 0 (img_path='a.png'): total_score must be a finite number, got 1" + "0" * 400),
+    (lambda p: p.write_text('[{"img_path": "a.png", "total_score": 3, "element_score": {"k": "1"}}]'),
+     "record 0 (img_path='a.png'): element_score['k'] must be a finite number, got '1'"),
+    (lambda p: p.write_text('[{"img_path": 3, "total_score": 3, "element_score": {}}]'),
+     "record 0 (img_path=3): missing required field 'img_path'"),
+])
+def test_each_bad_official_file_is_named_exactly(tmp_path, write, message):
+    path = tmp_path / "output.json"
+    write(path)
+    with pytest.raises(InputError) as err:
+        load_official(path)
+    assert str(err.value) == f"{path}: {message}"
+
+
+def test_a_submission_zip_must_hold_one_output_json(tmp_path):
+    for names in ([], ["output.json", "sub/output.json"]):
+        path = tmp_path / f"{len(names)}.zip"
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("readme.txt", "x")
+            for name in names:
+                zf.writestr(name, "[]")
+        with pytest.raises(InputError) as err:
+            load_official(path)
+        assert str(err.value) == f"{path}: submission zip must contain exactly one output.json"
+    with zipfile.ZipFile(tmp_path / "sub.zip", "w") as zf:
+        zf.writestr("team/output.json", json.dumps([rec("é.png", 3.0)]))  # in a folder, UTF-8
+    assert load_official(tmp_path / "sub.zip") == [rec("é.png", 3.0)]
+    (tmp_path / "o.json").write_bytes(json.dumps([rec("é.png", 3.0)], ensure_ascii=False).encode("utf-8"))
+    assert load_official(str(tmp_path / "o.json")) == [rec("é.png", 3.0)]
+
+
+def test_evaluate_names_the_two_files(tmp_path):
+    from imatch.evaluate import evaluate
+
+    (tmp_path / "gt.json").write_text(json.dumps(GT))
+    (tmp_path / "pred.json").write_text(json.dumps(PRED[:4]))
+    with pytest.raises(InputError) as err:
+        evaluate(tmp_path / "gt.json", tmp_path / "pred.json")
+    assert str(err.value) == (f"{tmp_path / 'pred.json'}: image set differs from {tmp_path / 'gt.json'}: 1 missing "
+                              "(e.g. ['e.png']), 0 unexpected (e.g. [])")
+    (tmp_path / "pred.json").write_text(json.dumps(PRED))
+    assert evaluate(tmp_path / "gt.json", tmp_path / "pred.json") == score(GT, PRED)
