@@ -118,3 +118,34 @@ def test_predictions_read_one_split_and_view_of_a_model_table(tmp_path):
     assert element_levels([element])["level"].tolist() == [6, 2]  # every split of the seen view
     with pytest.raises(InputError, match="no blank scores of the test split"):
         combine([overall], [element], tau=3, split="test", view="blank")
+
+
+def test_gather_refusals_name_the_file_and_the_first_query(tmp_path):
+    val = instruction_set(tmp_path, "val", "val", 7)
+    for name in ("s", "extra", "both"):
+        (tmp_path / name).mkdir()
+    shards = scored([(val, "seen")], 3, tmp_path / "s")  # bounds 0, 2, 5, 7
+    with pytest.raises(InputError) as err:
+        gather(shards[:2], [val], [])
+    assert str(err.value) == f"{tmp_path / 's'}: e.g. missing [('seen', 'val/5.png')]: shards cover 5 of 7 queries"
+    with pytest.raises(InputError) as err:  # every query there, and more: a shard of a set not asked for
+        gather(scored([(val, "seen"), (val, "blank")], 3, tmp_path / "extra"), [val], [])
+    assert str(err.value) == f"{tmp_path / 'extra'}: e.g. missing []: shards cover 14 of 7 queries"
+    with pytest.raises(InputError) as err:
+        gather([shards[1], *shards], [val], [])
+    assert str(err.value) == f"{shards[1]}: view=seen id='val/2.png': shards overlap"
+    four = instruction_set(tmp_path, "four", "val", 4)
+    both = scored([(four, "seen"), (four, "blank")], 4, tmp_path / "both")  # shard 0: val/0 seen, val/0 blank
+    with pytest.raises(InputError) as err:
+        gather([both[0], *both], [four], [four])
+    assert str(err.value) == f"{both[0]}: view=seen id='val/0.png': shards overlap"
+
+    def one_id(name, query_id):
+        path = tmp_path / f"{name}.parquet"
+        pd.DataFrame({"id": [query_id], "task": "overall", "split": "val"}).to_parquet(path)
+        return path
+
+    a1, a2 = one_id("a1", "val/2.png"), one_id("a2", "val/1.png")
+    with pytest.raises(InputError) as err:
+        gather(shards, [val, a1, a2], [])
+    assert str(err.value) == f"{a1}: id='val/2.png': query scored by two sets"
