@@ -170,3 +170,28 @@ def test_bench_budget_counts_the_tiles_each_choice_makes(tmp_path, imatch):
     assert all(rows[("1", shape)]["tiles"] == 1 for shape in ("1024x1024", "1024x768", "768x1344", "1536x640"))
     assert rows[("12", "1024x1024")]["tiles"] == 5 and rows[("12", "1024x768")]["tiles"] == 13
     assert rows[("12", "1024x768")]["tokens"] - rows[("1", "1024x768")]["tokens"] == 12 * 64
+
+
+def test_liger_flag_reaches_swift_sft_as_its_own_argument(tmp_path):
+    """`imatch train --liger` must turn on ms-swift's (transformers') liger switch, read by swift's
+    own argument parser, not a flag of ours that swift ignores; without it the switch stays off."""
+    import argparse
+
+    from swift.arguments import SftArguments
+    from transformers import HfArgumentParser
+
+    from imatch import train
+
+    def swift_namespace(*extra):
+        p = argparse.ArgumentParser()
+        train.add_parser(p.add_subparsers())
+        args = p.parse_args(["train", "--arch", "qwen2_5_vl", "--model", str(tmp_path), "--dataset", str(tmp_path / "d.jsonl"),
+                             "--out", str(tmp_path / "o"), "--scratch", str(tmp_path / "s"), *extra])
+        cmd = train.swift_command(args, archs.get("qwen2_5_vl"), tmp_path / "s", None)
+        flags = cmd[cmd.index("sft") + 1:]
+        namespace, unknown = HfArgumentParser(SftArguments).parse_known_args(flags)
+        assert not unknown, unknown
+        return namespace
+
+    assert swift_namespace("--liger").use_liger_kernel is True
+    assert swift_namespace().use_liger_kernel is False

@@ -508,6 +508,8 @@ def workflow_training(arch, folder, jsonl, naive, args, work, variant: dict) -> 
         cmd.append("--no-varlen")
     if variant.get("share"):
         cmd.append("--share-prefix")
+    if variant.get("liger"):
+        cmd.append("--liger")
     accum = variant.get("accum", 1)
     cmd += ["--grad-accum", accum]
     if args.device == "cpu":

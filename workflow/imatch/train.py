@@ -84,6 +84,8 @@ def recipe_flags(args, packed: bool = False) -> list[str]:
         flags += ["--torch_dtype", "float32", "--bf16", "false", "--fp16", "false"]
     if not args.gradient_checkpointing:
         flags += ["--gradient_checkpointing", "false"]
+    if getattr(args, "liger", False):
+        flags += ["--use_liger_kernel", "true"]
     return flags
 
 
@@ -346,6 +348,9 @@ def add_recipe_arguments(p) -> None:
     g.add_argument("--share-prefix", action=argparse.BooleanOptionalAction, default=False,
                    help="train the queries of an image in one packed row, its image and prompt encoded once "
                         "(imatch.prefix; exact; only sets with several queries per image are packed)")
+    g.add_argument("--liger", action=argparse.BooleanOptionalAction, default=False,
+                   help="liger-kernel's Triton kernels in swift sft (fused linear cross-entropy: the vocabulary-sized "
+                        "logits are never materialised; RMSNorm, SwiGLU, RoPE); needs `pip install liger-kernel` and a GPU")
     g.add_argument("--save-steps", type=int, default=200, help="checkpoint interval (resume granularity)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--workers", type=int, default=0, help="dataloader workers")
