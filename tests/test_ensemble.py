@@ -202,6 +202,8 @@ def test_score_tables_are_read_per_view_and_split_and_checked(tmp_path):
     assert got.to_dict("index") == {("x.png", "k (object)"): {str(a): 1.0, str(b): 2.0},
                                     ("y.png", "k (object)"): {str(a): 7.0, str(b): 3.0}}
     assert by_model([a], "element", "expected_level", view="blank")[str(a)].tolist() == [5.0]
+    assert element_levels([a, b], view="blank")[["img_path", "level", "expected_level"]].values.tolist() == [
+        ["x.png", 6, 5.5]]
     assert mean_over_models([a, b], "element", "expected_level", [0.25, 0.75], split="holdout").values.tolist() == [
         ["x.png", "k (object)", 1.75], ["y.png", "k (object)", 4.0]]
 

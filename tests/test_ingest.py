@@ -381,6 +381,7 @@ def test_eval_json_problems_are_named_or_skipped(tmp_path):
         ([ok, ok2, dict(ok, img_path="v/9.png")], "labels for an unknown image (not in the validation inputs)", "record 2"),
         ([ok, ok2, ok], "duplicate img_path", "record 2"),
         ([ok, {"total_score": 3}], "missing required field 'img_path'", "record 1"),
+        ([ok, ["v/2.png"]], "missing required field 'img_path'", "record 1"),
         ([ok, dict(ok2, total_score=None)], "missing required field 'total_score'", "record 1"),
         ([ok, dict(ok2, total_score=7)], "total_score: 7 is out of range [1, 5]", "record 1"),
         ([ok, dict(ok2, element_score=None)], "missing required field 'element_score'", "record 1"),
@@ -393,8 +394,9 @@ def test_eval_json_problems_are_named_or_skipped(tmp_path):
         path.write_text(json.dumps(labels))
         with pytest.raises(InputError) as err:
             join_labels(_val_rows(), path)
+        bad = labels[int(record[-1])] if record else {}
         where = str(path) if record is None else f"{path}: {record}" + (
-            f" (img_path={labels[int(record[-1])]['img_path']!r})" if "img_path" in labels[int(record[-1])] else "")
+            f" (img_path={bad['img_path']!r})" if isinstance(bad, dict) and "img_path" in bad else "")
         assert str(err.value) == f"{where}: {message}"
     # skipping: the bad label is listed, and so is the input it leaves without labels
     path.write_text(json.dumps([ok, dict(ok2, total_score=7), dict(ok, img_path="v/9.png")]))
@@ -408,6 +410,12 @@ def test_eval_json_problems_are_named_or_skipped(tmp_path):
         ("test.json", "v/2.png", f"no labels in {path}"),
     ]
     assert skips.rows[2]["record"] == "img_path='v/2.png'"
+    # a label record whose img_path is not a string is listed without one
+    path.write_text(json.dumps([ok, ok2, dict(ok, img_path=7)]))
+    skips = Skips(True)
+    assert len(join_labels(_val_rows(), path, skips=skips)[0]) == 2
+    assert skips.rows == [{"file": str(path), "record": "record 2 (img_path=7)", "img_path": None,
+                           "reason": "missing required field 'img_path'"}]
 
 
 def test_eval_json_labels_of_an_input_without_elements():

@@ -443,3 +443,12 @@ def test_duplicate_instruction_ids_are_a_bug_not_a_set(tmp_path):
     t = build_overall(samples, elements, "train")
     with pytest.raises(AssertionError, match=r"^duplicate instruction id 'm/a.png'$"):
         _finish(pd.concat([t, t.iloc[[0]]]))
+
+
+def test_the_element_levels_source_is_ground_truth_or_a_table_path():
+    from pathlib import Path
+
+    from imatch.instructions import _levels_source
+
+    assert _levels_source("ground-truth") == "ground-truth" and isinstance(_levels_source("ground-truth"), str)
+    assert _levels_source("r1/levels.parquet") == Path("r1/levels.parquet")

@@ -101,6 +101,12 @@ def test_out_of_range_messages_name_the_first_three_bad_values():
         with pytest.raises(ValueError, match="total score outside"):
             levels.overall_level(bad)
     assert levels.overall_level([1, 5]).tolist() == [1, 15] and levels.element_level([0, 1]).tolist() == [1, 7]
+    # values on the ends of the scale are not listed as out of range
+    for f, values, listed in [(levels.overall_level, [1.0, 0.5], "[0.5]"), (levels.overall_level, [5.0, 6.0], "[6.]"),
+                              (levels.element_level, [0.0, -0.5], "[-0.5]"), (levels.element_level, [1.0, 2.0], "[2.]")]:
+        with pytest.raises(ValueError) as err:
+            f(values)
+        assert str(err.value).endswith(": " + listed)
 
 
 def test_object_and_integer_arrays_give_the_same_integer_levels():

@@ -46,6 +46,7 @@ def test_pseudo_labels_are_the_round_one_predictions_per_image_and_element():
     assert els[["img_path", "element"]].values.tolist() == [["v/1.png", "a (object)"], ["v/1.png", "b (color)"],
                                                             ["v/2.png", "c (object)"], ["v/3.png", "d (human)"]]
     assert list(rows.index) == [0, 1, 2] and list(els.index) == [0, 1, 2, 3]
+    assert rows.columns.tolist() == SAMPLES.columns.tolist() and els.columns.tolist() == ELEMENTS.columns.tolist()
 
 
 def test_out_of_scale_element_levels_are_clipped_to_0_1():

@@ -155,6 +155,12 @@ def test_submission_records_by_hand(tmp_path):
         {"prompt": "a bee", "img_path": "m/b.png", "total_score": 3.0, "element_score": {"bee (animal)": 0.0}},
         {"prompt": "a cat", "img_path": "m/c.png", "total_score": 1.5, "element_score": {}},
     ]
+    s = pd.read_parquet(tmp_path / "s.parquet")
+    s.loc[s["img_path"] == "m/c.png", "prompt"] = "une chèvre"
+    s.to_parquet(tmp_path / "s.parquet")
+    _submit_tables(tmp_path, pred, pred_el)
+    with zipfile.ZipFile(tmp_path / "sub.zip") as zf:
+        assert '"prompt": "une chèvre"'.encode("utf-8") in zf.read("output.json")  # UTF-8, not \u-escaped
     assert readme == ("runtime per image [s] : 1.2346\nCPU[1] / GPU[0] : 1\nExtra Data [1] / No Extra Data [0] : 1\n"
                       "LLM[1] / Non-LLM[0] : 0\nOther description : hand made\n")
 
@@ -212,13 +218,19 @@ def test_each_bad_prediction_table_is_refused_by_name(tmp_path):
     assert _submit_tables(tmp_path, pred.assign(total_score=[1.0, 5.0, 3.0, 2.0]),
                           pred_el.assign(score=[0.0, 1.0, 0.0, 1.0])) == 3
     (tmp_path / "sub.zip").unlink()
-    dup = pd.concat([pred_el, pred_el.iloc[[2]]])
+    dup = pd.concat([pred_el, pred_el.iloc[[2]].assign(score=0.75)])  # the same key twice, two values
     assert _refusal(tmp_path, pred, dup) == f"{pe}: img_path='m/a.png' element='ant (animal)': duplicate element prediction"
     assert _refusal(tmp_path, pred, pred_el.iloc[[0, 2, 3]]) == (
         f"{pe}: img_path='m/a.png' element='leaf (object)': 1 element keys have no prediction")
     assert _refusal(tmp_path, pred, pred_el.assign(score=[0.0, None, 0.25, 1.0])) == f"{pe}: element score is null or NaN"
     assert _refusal(tmp_path, pred, pred_el.assign(score=[0.0, 1.0, -0.5, 1.0])) == (
         f"{pe}: ('m/a.png', 'ant (animal)'): np.float64(-0.5): element score must be finite and in [0, 1]; 1 rows are not")
+    # element keys the tables do not list are not submitted and not checked
+    extra = pd.concat([pred_el, pd.DataFrame({"img_path": ["m/c.png"], "element": ["new (object)"], "score": [5.0]})])
+    assert _submit_tables(tmp_path, pred, extra) == 3
+    with zipfile.ZipFile(tmp_path / "sub.zip") as zf:
+        assert json.loads(zf.read("output.json"))[2]["element_score"] == {}
+    (tmp_path / "sub.zip").unlink()
     # rows of other splits are ignored, even out of range or duplicated
     assert _submit_tables(tmp_path, pd.concat([pred.assign(total_score=[1.5, 4.5, 3.0, 99.0]), pred.iloc[[3]]]),
                           pred_el) == 3
