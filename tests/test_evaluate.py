@@ -156,7 +156,7 @@ def test_submission_zip_and_json_read_the_same(tmp_path):
     "content, message",
     [
         ("[{", "malformed JSON"),
-        ('{"a": 1}', "expected a JSON list"),
+        ('{"a": 1}', "expected a JSON list of records, got dict$"),
         ('[{"img_path": "a.png", "total_score": "high", "element_score": {}}]', "total_score must be a finite number"),
         ('[{"img_path": "a.png", "total_score": 3, "element_score": {"x": NaN}}]', "must be a finite number"),
         ('[{"total_score": 3, "element_score": {}}]', "missing required field 'img_path'"),

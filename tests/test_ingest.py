@@ -295,6 +295,7 @@ def test_annotator_scores_are_checked_against_their_scale():
     ({"promt_meaningless": [2]}, "promt_meaningless: 2 is out of range [0, 1]"),
     ({"split_confidence": [-1]}, "split_confidence: -1 is out of range [0, 1]"),
     ({"attribute_confidence": ["x"]}, "attribute_confidence: 'x' is not a finite number"),
+    ({"attribute_confidence": [1, 2]}, "attribute_confidence: 2 is out of range [0, 1]"),
 ])
 def test_each_bad_field_is_named_with_file_and_record(change, message):
     with pytest.raises(InputError) as err:
@@ -308,8 +309,11 @@ def test_an_unlabelled_file_accepts_records_without_labels_but_checks_what_is_th
     row, els = parse_record({**REC, "total_score": None, "element_score": {"a (object)": None}}, 0, P,
                             require_labels=False)
     assert row["total_score"] is None and els[0]["score"] is None and els[0]["category"] == "object"
-    with pytest.raises(InputError, match="expected a JSON object, got list"):
+    with pytest.raises(InputError) as err:
         parse_record([1], 5, P, require_labels=False)
+    assert str(err.value) == "train_list.json: record 5: expected a JSON object, got list"
+    bare = {k: v for k, v in REC.items() if k != "promt_meaningless"}  # neither spelling present
+    assert parse_record(bare, 0, P, require_labels=True)[0]["prompt_meaningless"] is None
 
 
 def test_files_are_read_as_lists_of_records_and_bad_records_skipped_when_allowed(tmp_path):
@@ -318,6 +322,11 @@ def test_files_are_read_as_lists_of_records_and_bad_records_skipped_when_allowed
     path.write_text(json.dumps([REC, {**REC, "type": "fake"}, good2]))
     with pytest.raises(InputError, match="record 1 .*type must be one of"):
         parse_file(path, "train", require_labels=True)
+    path.write_text(json.dumps([{**REC, "total_score": None}]))
+    assert parse_file(path, "test", require_labels=False)[0][0]["total_score"] is None
+    with pytest.raises(InputError, match="record 0 .*missing required field 'total_score' \\(labelled file\\)"):
+        parse_file(path, "train", require_labels=True)
+    path.write_text(json.dumps([REC, {**REC, "type": "fake"}, good2]))
     skips = Skips(True)
     rows, n = parse_file(path, "holdout", require_labels=True, skips=skips)
     assert n == 3 and [r["img_path"] for r in rows] == ["SDXL/00110.png", "SDXL/2.png"]
@@ -337,8 +346,9 @@ def test_files_are_read_as_lists_of_records_and_bad_records_skipped_when_allowed
             load_records(path)
         assert str(err.value) == f"{path}: {message}"
     path.write_bytes(b'["\xff"]')
-    with pytest.raises(InputError, match=r"not UTF-8 text \(invalid start byte at byte 2\)"):
+    with pytest.raises(InputError) as err:
         load_records(path)
+    assert str(err.value) == f"{path}: not UTF-8 text (invalid start byte at byte 2)"
     with pytest.raises(InputError) as err:
         load_records(tmp_path / "absent.json")
     assert str(err.value) == f"{tmp_path / 'absent.json'}: file not found"
@@ -435,6 +445,7 @@ def test_holdout_size_is_the_rounded_fraction_of_prompts_with_a_train_side():
     assert len(holdout_prompts(ids, 0.35, seed=0)) == 4  # round(3.5) = 4
     assert len(holdout_prompts(ids, 0.01, seed=0)) == 1  # at least one prompt held out
     assert len(holdout_prompts(ids, 0.99, seed=0)) == 9  # at least one prompt left for training
+    assert len(holdout_prompts(["a", "b"], 0.1, seed=0)) == 1 and len(holdout_prompts(["a", "b"], 0.9, seed=0)) == 1
     assert holdout_prompts(ids, 0.0, seed=0) == set() and holdout_prompts(["a"], 0.5, seed=0) == set()
     assert holdout_prompts(ids, 0.3, seed=0) <= set(ids)
     # the choice is numpy's seeded permutation of the sorted ids

@@ -300,7 +300,8 @@ def test_overall_rows_by_hand(tmp_path):
     assert t["img_path"].tolist() == ["m/a.png", "m/a.png", "m/b.png"]
     assert t["image"].tolist() == [str(tmp_path / "a.png"), str(tmp_path / "aug.png"), str(tmp_path / "b.png")]
     assert t["augmentation"].tolist() == [None, "crop", None] and t["aug_parameter"].tolist()[1] == 0.3
-    assert t["aug_parameter"].isna().tolist() == [True, False, True]
+    assert t["aug_parameter"].isna().tolist() == [True, False, True] and t["aug_parameter"].dtype == np.float64
+    assert build_overall(samples, elements, "train")["aug_parameter"].dtype == np.float64
     assert (t["task"] == "overall").all() and (t["split"] == "train").all() and t["element"].isna().all()
     # Eq. 3: 2.0 -> 4.5 -> 5 ('e'), 4.5 -> 13.25 -> 13 ('m'); the copy keeps its original's label
     assert t["label"].tolist() == [2.0, 2.0, 4.5]
@@ -311,6 +312,9 @@ def test_overall_rows_by_hand(tmp_path):
                "- y (color): 7\n- x (object): 3\n" + OQ)
     assert t["query"].tolist() == [a_query, a_query, "<image>Prompt: pb\nElement split uncertain: 0.50\nElement levels "
                                    "(1 = absent, 7 = clearly present):\n- z (animal): 1\n" + OQ]
+    # an image without elements states an empty levels block
+    lonely = build_overall(samples, elements[elements["img_path"] != "m/b.png"], "train", element_levels="ground-truth")
+    assert lonely["query"].iloc[1] == "<image>Prompt: pb\nElement levels (1 = absent, 7 = clearly present):\n" + OQ
     # an unlabelled split: no level, no delta, no target; no levels block without the switch
     t = build_overall(samples, elements, "test")
     assert t["query"].tolist() == ["<image>Prompt: pc\n" + OQ]
@@ -336,13 +340,15 @@ def test_element_rows_by_hand(tmp_path):
     assert row["target"].tolist() == ["3", "7", "3", "7", "1"] and row["delta"].tolist() == [0] * 5
     assert row["label"].tolist() == [0.25, 1.0, 0.25, 1.0, 0.0] and str(t["level"].dtype) == "Int64"
     assert row.loc["m/b.png|z (animal)", "query"] == "<image>Prompt: pb\nPrompt type: real\nElement: z (animal)\n" + EQ
+    meta = build_element(samples, elements, "train", metadata=("split_confidence",))
+    assert meta["query"].iloc[2] == "<image>Prompt: pb\nElement split uncertain: 0.50\nElement: z (animal)\n" + EQ
     assert (t["task"] == "element").all()
     # Eq. 17 on the targets only, drawn in id order; the labels and levels stay
     p = build_element(samples, elements, "train", augmented=augmented, perturb={"epsilon": 1, "rate": 1.0, "seed": 0})
     assert p["level"].tolist() == t["level"].tolist() and p["label"].tolist() == t["label"].tolist()
     # seed 0 draws +1 for each of the five (numpy PCG64); 7 + 1 is clipped to 7, a delta of 0
     assert p["target_level"].tolist() == [4, 7, 4, 7, 2] and p["delta"].tolist() == [1, 0, 1, 0, 1]
-    assert p["target"].tolist() == ["4", "7", "4", "7", "2"]
+    assert p["target"].tolist() == ["4", "7", "4", "7", "2"] and str(p["target_level"].dtype) == "Int64"
     assert p["query"].iloc[4] == "<image>Prompt: pb\nElement: z (animal)\n" + EQ  # no prompt type by default
     # unlabelled: nothing to perturb or target
     u = build_element(samples, elements, "test", perturb={"epsilon": 1, "rate": 1.0, "seed": 0})
@@ -366,7 +372,7 @@ def test_element_levels_from_a_table_are_rounded_and_checked(tmp_path):
         return str(err.value)
 
     bad = tmp_path / "bad.parquet"
-    assert refused(pd.concat([levels_table, levels_table.iloc[[1]]])) == (
+    assert refused(pd.concat([levels_table, levels_table.iloc[[1]].assign(level=5.0)])) == (
         f"{bad}: img_path='m/a.png' element='x (object)': duplicate element level")
     assert refused(levels_table.iloc[[0, 2]]) == f"{bad}: img_path='m/a.png' element='x (object)': 1 elements have no level"
     assert refused(levels_table.assign(level=[6.6, 3.4, 7.2])) == (
@@ -434,6 +440,9 @@ def test_swift_rows_and_the_written_set(tmp_path):
     assert "ünïcode" in (tmp_path / "o.jsonl").read_text(encoding="utf-8")  # not \\u-escaped
     assert json.loads((tmp_path / "o.parquet.json").read_text())["counts"] == {
         "rows": 3, "with_target": 3, "augmented": 1, "perturbed": 0}
+    write_set(build_element(samples, elements, "test"), tmp_path / "u.parquet", tmp_path / "u.jsonl", {})
+    assert json.loads((tmp_path / "u.parquet.json").read_text())["counts"] == {  # unlabelled: none perturbed
+        "rows": 1, "with_target": 0, "augmented": 0, "perturbed": 0}
 
 
 def test_duplicate_instruction_ids_are_a_bug_not_a_set(tmp_path):

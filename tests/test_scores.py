@@ -81,7 +81,7 @@ def test_a_query_in_two_sets_is_an_error(tmp_path):
     with pytest.raises(InputError) as err:
         gather(shards, [val, again], [])
     assert str(err.value) == f"{again}: id='val/0.png': query scored by two sets"
-    with pytest.raises(ValueError, match="no instruction set given"):
+    with pytest.raises(ValueError, match="^no instruction set given: pass --instructions and/or --blank-instructions$"):
         gather(shards, [], [])
 
 
@@ -128,6 +128,12 @@ def test_gather_refusals_name_the_file_and_the_first_query(tmp_path):
     with pytest.raises(InputError) as err:
         gather(shards[:2], [val], [])
     assert str(err.value) == f"{tmp_path / 's'}: e.g. missing [('seen', 'val/5.png')]: shards cover 5 of 7 queries"
+    (tmp_path / "elsewhere").mkdir()
+    moved = tmp_path / "elsewhere" / "shard1.parquet"
+    moved.write_bytes(shards[1].read_bytes())
+    with pytest.raises(InputError) as err:  # named by the folder of the first shard given
+        gather([shards[0], moved], [val], [])
+    assert str(err.value).startswith(f"{tmp_path / 's'}: ")
     with pytest.raises(InputError) as err:  # every query there, and more: a shard of a set not asked for
         gather(scored([(val, "seen"), (val, "blank")], 3, tmp_path / "extra"), [val], [])
     assert str(err.value) == f"{tmp_path / 'extra'}: e.g. missing []: shards cover 14 of 7 queries"

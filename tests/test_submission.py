@@ -226,7 +226,8 @@ def test_each_bad_prediction_table_is_refused_by_name(tmp_path):
     assert _refusal(tmp_path, pred, pred_el.assign(score=[0.0, 1.0, -0.5, 1.0])) == (
         f"{pe}: ('m/a.png', 'ant (animal)'): np.float64(-0.5): element score must be finite and in [0, 1]; 1 rows are not")
     # element keys the tables do not list are not submitted and not checked
-    extra = pd.concat([pred_el, pd.DataFrame({"img_path": ["m/c.png"], "element": ["new (object)"], "score": [5.0]})])
+    extra = pd.concat([pred_el, pd.DataFrame({"img_path": ["m/c.png", "m/b.png"], "element": ["new (object)", "x (y)"],
+                                              "score": [5.0, float("nan")]})])
     assert _submit_tables(tmp_path, pred, extra) == 3
     with zipfile.ZipFile(tmp_path / "sub.zip") as zf:
         assert json.loads(zf.read("output.json"))[2]["element_score"] == {}
