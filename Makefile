@@ -5,7 +5,7 @@ VENV ?= .venv
 CORES ?= 2
 STAMP := $(VENV)/.installed
 
-.PHONY: run test reliability report lint clean
+.PHONY: run test reliability report lint clean mutation
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,39 @@ report: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/snakemake --lint
 	$(VENV)/bin/snakefmt --check Snakefile workflow/rules
+
+# Mutation testing of the pure core with its fast tests (docs/mutation.md). mutmut runs in a staged
+# copy (workflow/imatch as src/imatch, the layout it expects), so this checkout is never mutated;
+# the report (per-module killed/total, every survivor's diff) goes to docs/mutation-report.txt.
+MUTATION_DIR ?= /tmp/imatch-mutation
+MUTANTS := 'imatch.levels.*' 'imatch.prompts.*' 'imatch.pseudo.x_pseudo_label__*' \
+  $(foreach f,_finite logistic _fit_logistic plcc_official plcc_pred_to_gt element_accuracy _nan_to_none score \
+    load_official evaluate evaluate_predictors metrics_table,'imatch.evaluate.x_$(f)__*') \
+  $(foreach f,check_range by_model mean_over_models fit_weights element_levels combine,'imatch.ensemble.x_$(f)__*') \
+  $(foreach f,_with_augmented _element_levels build_overall build_element _finish to_swift_rows write_set \
+    _levels_source,'imatch.instructions.x_$(f)__*') \
+  $(foreach f,_split_tables records ground_truth _check_predictions submission,'imatch.submission.x_$(f)__*') \
+  $(foreach f,shard_of expected_ids gather,'imatch.score.x_$(f)__*') \
+  'imatch.ingest.xǁSkipsǁ*' $(foreach f,load_records split_element_key _is_number _score parse_record parse_file \
+    _eval_elements join_labels holdout_prompts,'imatch.ingest.x_$(f)__*')
+
+mutation: $(STAMP)
+	rm -rf $(MUTATION_DIR) && mkdir -p $(MUTATION_DIR)/src
+	cp -r workflow/imatch $(MUTATION_DIR)/src/ && cp -r tests pyproject.toml $(MUTATION_DIR)/
+	find $(MUTATION_DIR) -name __pycache__ -prune -exec rm -rf {} +
+	echo "$$(git rev-parse --short HEAD)$$(git status --porcelain -- workflow/imatch tests | awk '{printf " +%s", $$2}')" \
+	  > $(MUTATION_DIR)/commit
+	cd $(MUTATION_DIR) && start=$$(date +%s) && { $(abspath $(VENV))/bin/mutmut run $(MUTANTS) > run.log 2>&1 || true; } \
+	  && echo $$(( $$(date +%s) - start )) > seconds && $(abspath $(VENV))/bin/mutmut results --all true > results.txt
+	cd $(MUTATION_DIR) && { echo "mutmut $$($(abspath $(VENV))/bin/pip show mutmut | sed -n 's/^Version: //p') on $$(cat commit), $$(nproc) cores, mutmut run $$(cat seconds) s"; \
+	  grep -v ': not checked$$' results.txt | sed 's/^ *//' | awk -F': ' '{split($$1, n, "."); m = n[2]; t[m]++; s[$$2]++; \
+	    if ($$2 == "killed" || $$2 == "timeout") k[m]++} END {printf "%-14s %7s %6s %7s\n", "module", "killed", "total", "score"; fflush(); \
+	    for (m in t) printf "%-14s %7d %6d %6.1f%%\n", m, k[m], t[m], 100 * k[m] / t[m] | "sort"; close("sort"); \
+	    for (x in s) printf "status %s: %d\n", x, s[x] | "sort"}'; \
+	  echo; echo "survivors and other unkilled mutants:"; grep -v ': not checked$$\|: killed$$\|: timeout$$' results.txt | sed 's/^ *//'; \
+	  for m in $$(grep -v ': not checked$$\|: killed$$\|: timeout$$' results.txt | sed 's/^ *//; s/:.*//'); do \
+	    echo; $(abspath $(VENV))/bin/mutmut show $$m 2>&1; done; } > $(CURDIR)/docs/mutation-report.txt
+	head -20 docs/mutation-report.txt
 
 clean:
 	rm -rf results .snakemake report.zip
