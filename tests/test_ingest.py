@@ -454,3 +454,29 @@ def test_holdout_size_is_the_rounded_fraction_of_prompts_with_a_train_side():
     for bad in (-0.1, 1.0):
         with pytest.raises(ValueError, match=f"holdout fraction must be in \\[0, 1\\), got {bad}"):
             holdout_prompts(ids, bad, seed=0)
+
+
+def documented_columns(table):
+    """The column names docs/stages.md lists for `table` (the bullet `- `table`, one row per ...`),
+    parenthesised remarks such as the split names left out."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "stages.md").read_text(encoding="utf-8")
+    bullet = re.search(rf"^- `{re.escape(table)}`, one row per [^:]*:(.*?)(?=^- |^$)", text, re.S | re.M).group(1)
+    names = re.findall(r"`([^`]*)`", bullet)
+    masked, index = "", 0  # backticked names become placeholders, so that "(`train`, ...)" can be dropped
+    for part in re.split(r"(`[^`]*`)", bullet):
+        if part.startswith("`"):
+            masked += f"@{index}@"
+            index += 1
+        else:
+            masked += part
+    while re.search(r"\([^()]*\)", masked):
+        masked = re.sub(r"\([^()]*\)", "", masked)
+    return [names[int(i)] for i in re.findall(r"@(\d+)@", masked)]
+
+
+def test_the_tables_have_the_columns_docs_stages_lists(ingested):
+    _, _, samples, elements = ingested
+    assert documented_columns("samples.parquet") == list(samples.columns)
+    assert documented_columns("elements.parquet") == list(elements.columns)
