@@ -31,4 +31,4 @@ include: "workflow/rules/export.smk"
 rule all:
     default_target: True
     input:
-        all_targets(),
+        PLAN.all_targets(),

@@ -2,8 +2,8 @@
 # through the same train / score / gather rules, then one table per task.
 use rule train as ablation_train with:
     input:
-        backbone=backbone_input,
-        datasets=ablation_sets,
+        backbone=lambda w: PLAN.backbone_input(w.backbone),
+        datasets=lambda w: PLAN.ablation_sets(w.variant, w.round),
         code=code("train"),
         arch=arch_code,
     output:
@@ -14,14 +14,20 @@ use rule train as ablation_train with:
         f"{RESULTS}/benchmarks/ablation/train/{{backbone}}_{{variant}}-{{round}}.tsv"
     params:
         arch=backbone_value("arch"),
-        base=backbone_folder,
-        scratch=ablation_scratch,
-        recipe=recipe_flags,
+        base=lambda w: PLAN.backbone_dir(w.backbone),
+        scratch=lambda w: f"{RESULTS}/ablation/scratch/{w.backbone}/{w.variant}-{w.round}",
+        recipe=lambda w: PLAN.recipe_flags(w.backbone),
 
 
 use rule score as ablation_score with:
     input:
-        unpack(ablation_score_inputs),
+        unpack(
+            lambda w: scoring_job_inputs(
+                w,
+                f"{RESULTS}/ablation/models/{w.backbone}/{w.variant}-{w.round}",
+                PLAN.ablation_scoring_sets(w.variant, w.round),
+            )
+        ),
     output:
         f"{RESULTS}/ablation/scores/{{backbone}}/{{variant}}-{{round}}/shards/{{shard}}.parquet",
     log:
@@ -32,7 +38,12 @@ use rule score as ablation_score with:
 
 use rule gather_scores as ablation_gather_scores with:
     input:
-        unpack(ablation_gather_inputs),
+        unpack(
+            lambda w: gather_job_inputs(
+                f"{RESULTS}/ablation/scores/{w.backbone}/{w.variant}-{w.round}",
+                PLAN.ablation_scoring_sets(w.variant, w.round),
+            )
+        ),
     output:
         f"{RESULTS}/ablation/scores/{{backbone}}/{{variant}}-{{round}}/scores.parquet",
     log:
@@ -43,7 +54,7 @@ use rule gather_scores as ablation_gather_scores with:
 
 rule ablation_table:
     input:
-        scores=lambda w: [cell["scores"] for cell in ablation_plan(w.task)],
+        scores=lambda w: [cell["scores"] for cell in PLAN.ablation_cells(w.task)],
         samples=rules.ingest.output.samples,
         elements=rules.ingest.output.elements,
         code=code("ablation"),
@@ -63,7 +74,7 @@ rule ablation_table:
         mem_mb=2000,
         runtime=10,
     params:
-        plan=lambda w: json.dumps(ablation_plan(w.task)),
+        plan=lambda w: json.dumps(PLAN.ablation_cells(w.task)),
         split=ABLATION["split"],
         tau=config["score"]["tau"],
     shell:

@@ -59,7 +59,7 @@ rule download:
 
 rule ingest:
     input:
-        unpack(ingest_inputs),
+        unpack(lambda w: {**PLAN.ingest_inputs(), "code": code("ingest")}),
     output:
         samples=f"{RESULTS}/data/samples.parquet",
         elements=f"{RESULTS}/data/elements.parquet",
@@ -74,9 +74,9 @@ rule ingest:
         mem_mb=8000,
         runtime=240,
     params:
-        source=source_dir,
+        source=lambda w, input: PLAN.ingest_source(input.source),
         out=output_dir,
-        options=ingest_options,
+        options=lambda w, input: PLAN.ingest_options(input),
         holdout_fraction=config["ingest"]["holdout_fraction"],
         seed=config["ingest"]["seed"],
     shell:

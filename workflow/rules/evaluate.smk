@@ -58,8 +58,8 @@ rule evaluate:
         gt=rules.ground_truth.output[0],
         samples=rules.ingest.output.samples,
         elements=rules.ingest.output.elements,
-        predictions=report_predictions,
-        element_predictions=report_element_predictions,
+        predictions=lambda w: PLAN.predictions(w.split),
+        element_predictions=lambda w: PLAN.predictions(w.split, "element_predictions"),
         code=code("evaluate"),
     output:
         f"{RESULTS}/metrics/{{split}}.json",

@@ -4,7 +4,7 @@
 
 rule export:
     input:
-        predictions=exported_predictions,
+        predictions=lambda w: PLAN.exported_predictions(),
         code=code("bundle"),
     output:
         directory(f"{RESULTS}/bundle"),

@@ -18,38 +18,18 @@ rule augment_images:
         mem_mb=4000,
         runtime=120,
     params:
-        flags=augment_flags,
+        flags=lambda w: PLAN.augment_flags(w.aug),
     shell:
         "imatch augment --samples {input.samples} --out {output.table} --images {output.images}"
         " {params.flags} > {log} 2>&1"
 
 
-rule instructions_train:
-    input:
-        unpack(instruction_inputs),
-    output:
-        table=f"{RESULTS}/instructions/{{query}}/train-{{train}}.parquet",
-        jsonl=f"{RESULTS}/instructions/{{query}}/train-{{train}}.jsonl",
-        record=f"{RESULTS}/instructions/{{query}}/train-{{train}}.parquet.json",
-    log:
-        f"{RESULTS}/logs/instructions/{{query}}_train-{{train}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/instructions/{{query}}_train-{{train}}.tsv"
-    conda:
-        "../../envs/imatch.yaml"
-    resources:
-        mem_mb=8000,
-        runtime=60,
-    params:
-        flags=instruction_flags,
-    shell:
-        "imatch instructions --split train --samples {input.samples} --elements {input.elements}"
-        " --out {output.table} --jsonl {output.jsonl} {params.flags} > {log} 2>&1"
-
-
+# One rule writes every instruction set; the variants below differ in the set they name (a
+# training set with its augmentation, an evaluation set with predicted element levels, the
+# pseudo-labelled val set of a round) and in what they read.
 rule instructions_eval:
     input:
-        unpack(instruction_inputs),
+        unpack(lambda w: {**PLAN.instruction_inputs(w), "code": code("instructions")}),
     output:
         table=f"{RESULTS}/instructions/{{query}}/{{split}}.parquet",
         jsonl=f"{RESULTS}/instructions/{{query}}/{{split}}.jsonl",
@@ -64,15 +44,28 @@ rule instructions_eval:
         mem_mb=8000,
         runtime=60,
     params:
-        flags=instruction_flags,
+        split=lambda w: w.split,
+        flags=lambda w, input: PLAN.instruction_flags(w, input),
     shell:
-        "imatch instructions --split {wildcards.split} --samples {input.samples} --elements {input.elements}"
+        "imatch instructions --split {params.split} --samples {input.samples} --elements {input.elements}"
         " --out {output.table} --jsonl {output.jsonl} {params.flags} > {log} 2>&1"
 
 
-rule instructions_eval_levels:
-    input:
-        unpack(instruction_inputs),
+use rule instructions_eval as instructions_train with:
+    output:
+        table=f"{RESULTS}/instructions/{{query}}/train-{{train}}.parquet",
+        jsonl=f"{RESULTS}/instructions/{{query}}/train-{{train}}.jsonl",
+        record=f"{RESULTS}/instructions/{{query}}/train-{{train}}.parquet.json",
+    log:
+        f"{RESULTS}/logs/instructions/{{query}}_train-{{train}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/instructions/{{query}}_train-{{train}}.tsv"
+    params:
+        split="train",
+        flags=lambda w, input: PLAN.instruction_flags(w, input),
+
+
+use rule instructions_eval as instructions_eval_levels with:
     output:
         table=f"{RESULTS}/instructions/{{query}}/{{split}}.levels-{{levels}}.parquet",
         jsonl=f"{RESULTS}/instructions/{{query}}/{{split}}.levels-{{levels}}.jsonl",
@@ -81,21 +74,11 @@ rule instructions_eval_levels:
         f"{RESULTS}/logs/instructions/{{query}}_{{split}}.levels-{{levels}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/instructions/{{query}}_{{split}}.levels-{{levels}}.tsv"
-    conda:
-        "../../envs/imatch.yaml"
-    resources:
-        mem_mb=8000,
-        runtime=60,
-    params:
-        flags=instruction_flags,
-    shell:
-        "imatch instructions --split {wildcards.split} --samples {input.samples} --elements {input.elements}"
-        " --out {output.table} --jsonl {output.jsonl} {params.flags} > {log} 2>&1"
 
 
-rule instructions_pseudo:
+use rule instructions_eval as instructions_pseudo with:
     input:
-        unpack(pseudo_inputs),
+        unpack(lambda w: {**PLAN.pseudo_inputs(w), "code": code("instructions")}),
     output:
         table=f"{RESULTS}/instructions/{{query}}/val.pseudo-{{round}}.parquet",
         jsonl=f"{RESULTS}/instructions/{{query}}/val.pseudo-{{round}}.jsonl",
@@ -104,13 +87,6 @@ rule instructions_pseudo:
         f"{RESULTS}/logs/instructions/{{query}}_val.pseudo-{{round}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/instructions/{{query}}_val.pseudo-{{round}}.tsv"
-    conda:
-        "../../envs/imatch.yaml"
-    resources:
-        mem_mb=8000,
-        runtime=60,
     params:
-        flags=pseudo_flags,
-    shell:
-        "imatch instructions --split val --samples {input.samples} --elements {input.elements}"
-        " --out {output.table} --jsonl {output.jsonl} {params.flags} > {log} 2>&1"
+        split="val",
+        flags=lambda w, input: PLAN.pseudo_flags(w, input),

@@ -75,8 +75,8 @@ rule backbone_convert_ovis2:
 
 rule train:
     input:
-        backbone=backbone_input,
-        datasets=training_sets,
+        backbone=lambda w: PLAN.backbone_input(w.backbone),
+        datasets=lambda w: PLAN.training_sets(w.task, w.round),
         code=code("train"),
         arch=arch_code,
     output:
@@ -89,15 +89,15 @@ rule train:
         "../../envs/imatch.yaml"
     threads: config["resources"]["threads"]
     resources:
-        gpu=backbone_gpus,
-        cpus_per_gpu=cpus_per_gpu,
+        gpu=lambda w: PLAN.gpus(w.backbone),
+        cpus_per_gpu=lambda w, threads: PLAN.cpus_per_gpu(w.backbone, threads),
         mem_mb=lambda w, attempt: config["resources"]["train_mem_mb"] * attempt,
         runtime=lambda w, attempt: config["resources"]["train_runtime"] * attempt,
     params:
         arch=backbone_value("arch"),
-        base=backbone_folder,
-        scratch=scratch_dir,
-        recipe=recipe_flags,
+        base=lambda w: PLAN.backbone_dir(w.backbone),
+        scratch=lambda w: f"{RESULTS}/scratch/{w.backbone}/{w.task}-{w.round}",
+        recipe=lambda w: PLAN.recipe_flags(w.backbone),
     shell:
         "imatch train --arch {params.arch} --model {params.base} --dataset {input.datasets}"
         " --out {output} --scratch {params.scratch} {params.recipe} --gpus {resources.gpu} --threads {threads} > {log} 2>&1"
@@ -105,7 +105,13 @@ rule train:
 
 rule score:
     input:
-        unpack(score_inputs),
+        unpack(
+            lambda w: scoring_job_inputs(
+                w,
+                f"{RESULTS}/models/{w.backbone}/{w.task}-{w.round}",
+                PLAN.scoring_sets(w.task, w.round),
+            )
+        ),
     output:
         f"{RESULTS}/scores/{{backbone}}/{{task}}-{{round}}/shards/{{shard}}.parquet",
     log:
@@ -116,15 +122,15 @@ rule score:
         "../../envs/imatch.yaml"
     threads: config["resources"]["threads"]
     resources:
-        gpu=backbone_gpus,
-        cpus_per_gpu=cpus_per_gpu,
+        gpu=lambda w: PLAN.gpus(w.backbone),
+        cpus_per_gpu=lambda w, threads: PLAN.cpus_per_gpu(w.backbone, threads),
         mem_mb=lambda w, attempt: config["resources"]["score_mem_mb"] * attempt,
         runtime=lambda w, attempt: config["resources"]["score_runtime"] * attempt,
     params:
         arch=backbone_value("arch"),
-        base=backbone_folder,
-        flags=score_flags,
-        sets=set_options,
+        base=lambda w: PLAN.backbone_dir(w.backbone),
+        flags=lambda w: PLAN.score_flags(w.backbone),
+        sets=lambda w, input: PLAN.set_options(input),
         shards=config["score"]["shards"],
     shell:
         "imatch score-set --arch {params.arch} --model {input.model} --base {params.base} {params.sets}"
@@ -134,7 +140,12 @@ rule score:
 
 rule gather_scores:
     input:
-        unpack(gather_inputs),
+        unpack(
+            lambda w: gather_job_inputs(
+                f"{RESULTS}/scores/{w.backbone}/{w.task}-{w.round}",
+                PLAN.scoring_sets(w.task, w.round),
+            )
+        ),
     output:
         f"{RESULTS}/scores/{{backbone}}/{{task}}-{{round}}/scores.parquet",
     log:
@@ -147,14 +158,14 @@ rule gather_scores:
         mem_mb=2000,
         runtime=10,
     params:
-        sets=set_options,
+        sets=lambda w, input: PLAN.set_options(input),
     shell:
         "imatch gather-scores {input.shards} {params.sets} --out {output} > {log} 2>&1"
 
 
 rule element_levels:
     input:
-        scores=element_level_scores,
+        scores=lambda w: PLAN.element_level_scores(w.levels),
         code=code("ensemble"),
     output:
         f"{RESULTS}/element_levels/{{levels}}.parquet",
@@ -168,14 +179,19 @@ rule element_levels:
         mem_mb=2000,
         runtime=10,
     params:
-        view=levels_view,
+        view=lambda w: "blank" if w.levels.endswith("-blank") else "seen",
     shell:
         "imatch element-levels --view {params.view} --out {output} {input.scores} > {log} 2>&1"
 
 
 rule model_predictions:
     input:
-        unpack(predictor_scores),
+        unpack(
+            lambda w: {
+                **PLAN.predictor_inputs(w.model_predictor, w.split),
+                "code": code("ensemble"),
+            }
+        ),
     output:
         predictions=f"{RESULTS}/predictions/{{model_predictor}}/{{split}}/predictions.parquet",
         elements=f"{RESULTS}/predictions/{{model_predictor}}/{{split}}/element_predictions.parquet",
@@ -190,8 +206,10 @@ rule model_predictions:
         runtime=10,
     params:
         tau=config["score"]["tau"],
-        view=predictor_view,
-        weights=weights_option,
+        view=lambda w: "blank" if PLAN.model_predictor(w.model_predictor)[3] else "seen",
+        weights=lambda w, input: (
+            f"--weights {input.weights}" if "weights" in input.keys() else ""
+        ),
     shell:
         "imatch combine --overall {input.overall} --element {input.element} --split {wildcards.split}"
         " --view {params.view} --tau {params.tau} {params.weights}"
@@ -200,7 +218,14 @@ rule model_predictions:
 
 rule ensemble_weights:
     input:
-        unpack(weight_inputs),
+        unpack(
+            lambda w: {
+                **PLAN.weight_inputs(w.round),
+                "samples": rules.ingest.output.samples,
+                "elements": rules.ingest.output.elements,
+                "code": code("ensemble"),
+            }
+        ),
     output:
         f"{RESULTS}/ensemble/{{round}}/weights.json",
     log:

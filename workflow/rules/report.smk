@@ -4,7 +4,7 @@
 rule plot_scatter:
     input:
         samples=rules.ingest.output.samples,
-        predictions=report_predictions,
+        predictions=lambda w: PLAN.predictions(w.split),
         code=code("plots"),
     output:
         report(
@@ -30,7 +30,7 @@ rule plot_scatter:
 rule plot_categories:
     input:
         elements=rules.ingest.output.elements,
-        predictions=report_element_predictions,
+        predictions=lambda w: PLAN.predictions(w.split, "element_predictions"),
         code=code("plots"),
     output:
         report(
@@ -55,7 +55,7 @@ rule plot_categories:
 
 rule plot_curves:
     input:
-        records=training_records,
+        records=lambda w: PLAN.training_records(),
         code=code("plots"),
     output:
         report(
