@@ -13,7 +13,19 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("torchvision")
 pytest.importorskip("swift")
 
-from imatch import archs, attention, bench, levels, score  # noqa: E402
+from imatch import archs, attention, levels, naive, score  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bench_cli(*argv: str) -> None:
+    """benchmarks/bench.py (the benchmark driver, outside the package) with these arguments."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_driver", REPO / "benchmarks" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(list(argv)) == 0
 
 
 def per_segment(q, k, v, cu, scale):
@@ -77,12 +89,12 @@ def test_vision_windows_run_in_one_kernel_call_with_the_same_logits(qwen):
 
     arch = archs.get("qwen2_5_vl")
     model = AutoModelForImageTextToText.from_pretrained(qwen, attn_implementation="sdpa", dtype=torch.float32)
-    processor = bench.load_plain(qwen, arch, "cpu", torch.float32)[1]
+    processor = naive.load_plain(qwen, arch, "cpu", torch.float32)[1]
     from PIL import Image
 
     image = Path(qwen) / "probe.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (224, 224, 3), dtype=np.uint8)).save(image)
-    inputs = bench.plain_inputs(processor, [str(image)], ["<image>a red circle"], "cpu")
+    inputs = naive.plain_inputs(processor, [str(image)], ["<image>a red circle"], "cpu")
 
     def run():
         with torch.profiler.profile() as prof, torch.no_grad():
@@ -104,9 +116,9 @@ def test_bucketed_batches_with_workers_give_each_query_its_own_answer(qwen, quer
     answer only, the varlen kernel) equals a plain transformers forward per query, in set order."""
     arch = archs.get("qwen2_5_vl")
     images, texts = queries
-    model, processor = bench.load_plain(qwen, arch, "cpu", torch.float32)
+    model, processor = naive.load_plain(qwen, arch, "cpu", torch.float32)
     ids = score.answer_token_ids(processor.tokenizer, levels.OVERALL_LETTERS)
-    one_by_one = bench.naive_score(model, bench.plain_batches(processor, images, texts, 1), ids, "cpu")
+    one_by_one = naive.naive_score(model, naive.plain_batches(processor, images, texts, 1), ids, "cpu")
     fast_model, _, template = score.load(qwen, arch, device="cpu", dtype="float32", max_pixels=200704)
     order = score.length_order(images, texts)
     assert list(order) != list(range(len(images)))  # the buckets do reorder this set
@@ -115,8 +127,8 @@ def test_bucketed_batches_with_workers_give_each_query_its_own_answer(qwen, quer
     assert np.allclose(got.sum(axis=1), 1.0)
 
 
-def test_bench_measures_both_stages_on_tiny_models(tmp_path, imatch):
-    imatch("bench", "--size", "tiny", "--device", "cpu", "--dtype", "float32", "--arch", "qwen2_5_vl",
+def test_bench_measures_both_stages_on_tiny_models(tmp_path):
+    bench_cli("--size", "tiny", "--device", "cpu", "--dtype", "float32", "--arch", "qwen2_5_vl",
            "--score-batches", "56:4", "--queries", "8", "--reference-queries", "4", "--prompts", "4",
            "--train-image", "56", "--train-batch", "4", "--train-steps", "2", "--workers", "1",
            "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"))
@@ -134,11 +146,11 @@ def test_bench_measures_both_stages_on_tiny_models(tmp_path, imatch):
     assert table.count("| qwen2_5_vl |") == 4 and "% peak" in table
 
 
-def test_bench_element_stages_compare_shared_prefixes_with_per_query_work(tmp_path, imatch):
-    """`--stages element-score element-train`: the same element queries per query and with shared
+def test_bench_element_stages_compare_shared_prefixes_with_per_query_work(tmp_path):
+    """`benchmarks/bench.py --stages element-score element-train`: the same element queries per query and with shared
     prefixes, same run; in float32 the two scoring paths give the same probabilities, and a
     training step counts batch x accumulation answers either way."""
-    imatch("bench", "--size", "tiny", "--device", "cpu", "--dtype", "float32", "--arch", "internvl",
+    bench_cli("--size", "tiny", "--device", "cpu", "--dtype", "float32", "--arch", "internvl",
            "--stages", "element-score", "element-train", "--score-batches", "56:4", "--prompts", "3",
            "--train-image", "56", "--element-queries", "24", "--element-batch", "8", "--element-image-batch", "2",
            "--train-batch", "2", "--train-steps", "2", "--workers", "0",
@@ -156,12 +168,12 @@ def test_bench_element_stages_compare_shared_prefixes_with_per_query_work(tmp_pa
     assert train[1]["speedup"] == pytest.approx(train[1]["per_second"] / train[0]["per_second"])
 
 
-def test_bench_budget_counts_the_tiles_each_choice_makes(tmp_path, imatch):
+def test_bench_budget_counts_the_tiles_each_choice_makes(tmp_path):
     """`--stages budget`: after ms-swift's 200,704-pixel shrink 1024² is 448² and 1024x768 is
     517x388; the tiny InternVL (224-pixel tiles, 64 tokens each) makes every image 1 tile at
     max_tiles 1, and at ms-swift's default 12 the square one 2 x 2 + thumbnail = 5 and the 4:3 one
     4 x 3 + thumbnail = 13 (InternVL's closest aspect ratio)."""
-    imatch("bench", "--size", "tiny", "--device", "cpu", "--dtype", "float32", "--arch", "internvl",
+    bench_cli("--size", "tiny", "--device", "cpu", "--dtype", "float32", "--arch", "internvl",
            "--stages", "budget", "--budget-tiles", "1", "12", "--budget-queries", "2", "--budget-batch", "2",
            "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"))
     rows = {(r["variant"].rsplit(" ", 1)[1], r["image"]): r for r in json.loads((tmp_path / "out" / "bench.json")

@@ -8,7 +8,7 @@ shards, prefix sharing: what Snakemake plans, not a copy of its rules). Each job
 from the data: images per split (an ingested `samples.parquet` with `--data`, or `--counts`),
 elements per image, the augmented fraction of the config's training sets, epochs.
 
-Rates are samples (answers) or queries per second on one GPU, per architecture, as `imatch bench`
+Rates are samples (answers) or queries per second on one GPU, per architecture, as `benchmarks/bench.py`
 measures them (`--bench bench.json ...`, later files win; `--write-rates` keeps the summary):
 `train` (per query), `train_shared` (element queries, prefix shared), each also with `_ckpt`
 (gradient checkpointing on, as the job's flags say), `score`, `score_shared`. A backbone larger
@@ -27,11 +27,11 @@ from pathlib import Path
 
 import pandas as pd
 
-MEASURED_PARAMS_B = {"qwen2_5_vl": 7.0, "internvl": 8.0, "ovis2": 8.0}  # the `imatch bench` backbones (7b / 8b)
+MEASURED_PARAMS_B = {"qwen2_5_vl": 7.0, "internvl": 8.0, "ovis2": 8.0}  # the `benchmarks/bench.py` backbones (7b / 8b)
 
 
 def rates_from_bench(paths: list[Path]) -> dict:
-    """Per architecture, the workflow's rate for each kind of work, from `imatch bench` results
+    """Per architecture, the workflow's rate for each kind of work, from `benchmarks/bench.py` results
     (bench.json); a later file's measurement replaces an earlier one."""
     archs: dict[str, dict] = {}
     gpu = None
@@ -198,7 +198,7 @@ def add_parser(subparsers) -> None:
                               description=__doc__)
     p.add_argument("configs", nargs="*", type=Path, metavar="CONFIG",
                    help="config files as given to snakemake with --configfile (on top of config/config.yaml)")
-    p.add_argument("--bench", type=Path, nargs="+", help="bench.json files of `imatch bench` (later files win)")
+    p.add_argument("--bench", type=Path, nargs="+", help="bench.json files of `benchmarks/bench.py` (later files win)")
     p.add_argument("--rates", type=Path, help="a rates file, as --write-rates writes it (benchmarks/rates-h200.json)")
     p.add_argument("--write-rates", type=Path, help="write the rates read from --bench here and stop")
     p.add_argument("--data", type=Path, help="an ingest output folder: images per split and elements per image")
@@ -206,7 +206,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--elements-per-image", type=float, help="element queries per image (default: from --data)")
     p.add_argument("--startup-seconds", type=float, default=0.0,
                    help="GPU seconds each job spends before its work (imports, model loading, compilation; "
-                        "~100 s for a 7B on an H200 as `imatch bench` measured it); default 0: the work alone")
+                        "~100 s for a 7B on an H200 as `benchmarks/bench.py` measured it); default 0: the work alone")
     p.add_argument("--workdir", type=Path, default=Path("."), help="the workflow's folder (default: .)")
     p.add_argument("--out", type=Path, help="also write the table (markdown) and the jobs (JSON beside it) here")
     p.set_defaults(func=_run)
