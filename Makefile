@@ -5,7 +5,7 @@ VENV ?= .venv
 CORES ?= 2
 STAMP := $(VENV)/.installed
 
-.PHONY: run test reliability report lint clean mutation
+.PHONY: run test test-fast reliability report lint clean mutation
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest
+
+# The inner loop: the unit tests, without what runs the workflow, SLURM, ms-swift training or the
+# benchmark driver (the `slow` marker, tests/conftest.py). CI runs `make test`.
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -m "not slow" -q
 
 # The fault, bad-input, integrity, fuzzing and determinism tests of docs/reliability.md
 reliability: $(STAMP)

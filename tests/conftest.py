@@ -84,3 +84,18 @@ def imatch(capsys):
         return code, captured.out, captured.err
 
     return run
+
+
+# `make test-fast` (the inner loop: pytest -m "not slow") leaves out what runs the workflow,
+# a SLURM cluster, ms-swift training or the benchmark driver; CI runs everything.
+SLOW_FIXTURES = {"workflow", "cluster"}
+SLOW_MODULES = {"test_models", "test_slurm", "test_prefix", "test_performance", "test_cost", "test_ablation",
+                "test_reproducibility", "test_scorer", "test_docs"}
+SLOW_NAMES = ("swift_sft", "named_by_snakemake")  # a training through `swift sft`; a Snakemake start
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if (SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ in SLOW_MODULES
+                or any(name in item.name for name in SLOW_NAMES)):
+            item.add_marker(pytest.mark.slow)
