@@ -58,7 +58,7 @@ def test_registry_and_tiny_build_load_offline(tiny):
 
     arch = archs.get("ovis2")
     assert arch is ovis2.ARCH and arch.swift_model_type == arch.swift_template == "ovis2_hf"
-    assert Path(arch.plugin).is_file() and set(arch.sizes) == {"tiny", "8b"}
+    assert Path(arch.plugin).is_file() and set(arch.sizes) == {"tiny", "8b", "16b", "34b"}
     processor = AutoProcessor.from_pretrained(tiny)
     model = Ovis2ForConditionalGeneration.from_pretrained(tiny)
     tok = processor.tokenizer
@@ -302,3 +302,27 @@ def test_converter_reads_the_dtype_of_old_and_new_configs():
     assert source_dtype({"llm_config": {"dtype": "float32"}, "dtype": "bfloat16"}) == "float32"
     assert source_dtype({"llm_config": {}, "dtype": "float16"}) == "float16"
     assert source_dtype({"llm_config": {}}) == "bfloat16"
+
+
+@pytest.mark.parametrize("size, vit, llm_billions", [("8b", 682_031_616, 7.62), ("16b", 682_031_616, 14.8),
+                                                      ("34b", 1_236_531_200, 32.8)])
+def test_real_size_backbones_have_the_published_parameter_counts(size, vit, llm_billions):
+    """The random backbones of GPU benchmarks are the published architectures: the vision trunk has
+    exactly the parameters Apple publishes for aimv2-huge-patch14-448 (Ovis2-8B/16B) and
+    aimv2-1B-patch14-448 (Ovis2-34B), the LLM (with its untied head) the Hub's safetensors counts of
+    Qwen2.5-7B/14B/32B-Instruct (7.62B, 14.8B, 32.8B). Built on the meta device: no memory, no weights."""
+    import torch
+    from transformers import Ovis2ForConditionalGeneration
+
+    spec = ovis2.SIZES[size]
+    config = ovis2.native_config(dict(spec["text"]), spec["vision"], image=spec["image"], image_token_id=151665,
+                                 indicator_ids=[151666, 151667, 151668, 151669, 151670])
+    with torch.device("meta"):
+        model = Ovis2ForConditionalGeneration._from_config(config)
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    assert count(model.model.vision_tower.transformer) == vit
+    llm = count(model.model.language_model) + count(model.lm_head)
+    assert llm / 1e9 == pytest.approx(llm_billions, abs=0.05)

@@ -36,7 +36,7 @@ def add_parser(subparsers) -> None:
     t = subparsers.add_parser("tiny-backbone", help="build a random-weight backbone of a real architecture offline",
                               description=__doc__)
     t.add_argument("--arch", required=True, help="qwen2_5_vl, internvl or ovis2")
-    t.add_argument("--size", default="tiny", help="tiny (tests, demo) or the real size (7b / 8b) for GPU benchmarks")
+    t.add_argument("--size", default="tiny", help="tiny (tests, demo) or a real size for GPU benchmarks (qwen2_5_vl: 7b; internvl: 7b; ovis2: 8b, 16b, 34b)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", type=Path, required=True)
     t.set_defaults(func=_run_tiny)

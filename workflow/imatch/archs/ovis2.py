@@ -6,7 +6,8 @@ The published `AIDC-AI/Ovis2-*` checkpoints are remote code that no longer loads
 type and template `ovis2_hf`. Tiny: a 2-layer vision tower on one 224-pixel tile (64 image tokens
 after the 2x2 hidden stride, plus 3 indicator tokens) and a 2-layer Qwen2 LLM. `8b`: an
 aimv2-huge-patch14-448 vision tower + a Qwen2.5-7B-sized LLM, random weights, bf16, for GPU
-benchmarks only (one 448 tile = 256 image tokens, the paper's budget).
+benchmarks only (one 448 tile = 256 image tokens, the paper's budget); `16b` / `34b` the same for
+Ovis2-16B (aimv2-huge + Qwen2.5-14B) and Ovis2-34B (aimv2-1B + Qwen2.5-32B).
 """
 
 from __future__ import annotations
@@ -48,6 +49,20 @@ SIZES = {
                text=dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                          intermediate_size=18944, vocab_size=152064, rope_theta=1000000.0, rms_norm_eps=1e-6,
                          max_position_embeddings=32768)),
+    # Ovis2-16B: aimv2-huge-patch14-448 + Qwen2.5-14B-Instruct (GPU benchmarks of the big backbones)
+    "16b": dict(image=448,
+                vision=dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=12,
+                            vocab_size=65536, hidden_stride=2),
+                text=dict(hidden_size=5120, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8,
+                          intermediate_size=13824, vocab_size=152064, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                          max_position_embeddings=32768)),
+    # Ovis2-34B: aimv2-1B-patch14-448 + Qwen2.5-32B-Instruct
+    "34b": dict(image=448,
+                vision=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16,
+                            vocab_size=65536, hidden_stride=2),
+                text=dict(hidden_size=5120, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
+                          intermediate_size=27648, vocab_size=152064, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                          max_position_embeddings=32768)),
 }
 PATCH = 14
 # The original visual tokenizer's tiling (AIDC-AI/Ovis @ 52e5fdf, base_visual_tokenizer.py), which
