@@ -36,33 +36,32 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+def _qwen2_5(hidden_size: int, num_hidden_layers: int, num_attention_heads: int, num_key_value_heads: int,
+             intermediate_size: int) -> dict:
+    """A Qwen2.5-Instruct LLM of the published dimensions (the shared vocabulary, RoPE and norm)."""
+    return dict(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+                num_key_value_heads=num_key_value_heads, intermediate_size=intermediate_size, vocab_size=152064,
+                rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=32768)
+
+
+# The published vision trunks (visual vocabulary 65536, hidden stride 2).
+AIMV2_HUGE_448 = dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=12,
+                      vocab_size=65536, hidden_stride=2)
+AIMV2_1B_448 = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16,
+                    vocab_size=65536, hidden_stride=2)
 SIZES = {
     "tiny": dict(image=224,
                  vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                              vocab_size=256, hidden_stride=2),
                  text=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                            intermediate_size=256)),
-    # Ovis2-8B: aimv2-huge-patch14-448 (visual vocabulary 65536, hidden stride 2) + Qwen2.5-7B-Instruct.
-    "8b": dict(image=448,
-               vision=dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=12,
-                           vocab_size=65536, hidden_stride=2),
-               text=dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                         intermediate_size=18944, vocab_size=152064, rope_theta=1000000.0, rms_norm_eps=1e-6,
-                         max_position_embeddings=32768)),
-    # Ovis2-16B: aimv2-huge-patch14-448 + Qwen2.5-14B-Instruct (GPU benchmarks of the big backbones)
-    "16b": dict(image=448,
-                vision=dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=12,
-                            vocab_size=65536, hidden_stride=2),
-                text=dict(hidden_size=5120, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8,
-                          intermediate_size=13824, vocab_size=152064, rope_theta=1000000.0, rms_norm_eps=1e-6,
-                          max_position_embeddings=32768)),
-    # Ovis2-34B: aimv2-1B-patch14-448 + Qwen2.5-32B-Instruct
-    "34b": dict(image=448,
-                vision=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16,
-                            vocab_size=65536, hidden_stride=2),
-                text=dict(hidden_size=5120, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
-                          intermediate_size=27648, vocab_size=152064, rope_theta=1000000.0, rms_norm_eps=1e-6,
-                          max_position_embeddings=32768)),
+    # GPU benchmarks: Ovis2-8B = aimv2-huge-patch14-448 + Qwen2.5-7B-Instruct, Ovis2-16B = aimv2-huge +
+    # Qwen2.5-14B-Instruct, Ovis2-34B = aimv2-1B-patch14-448 + Qwen2.5-32B-Instruct.
+    "8b": dict(image=448, vision=AIMV2_HUGE_448, text=_qwen2_5(3584, 28, 28, 4, 18944)),
+    "16b": dict(image=448, vision=AIMV2_HUGE_448, text=_qwen2_5(5120, 48, 40, 8, 13824)),
+    "34b": dict(image=448, vision=AIMV2_1B_448, text=_qwen2_5(5120, 64, 40, 8, 27648)),
 }
 PATCH = 14
 # The original visual tokenizer's tiling (AIDC-AI/Ovis @ 52e5fdf, base_visual_tokenizer.py), which
