@@ -24,7 +24,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from imatch import archs, attention, integrity, prefix, steptimer, swift_log
+from imatch import archs, attention, gpu_memory, integrity, prefix, steptimer, swift_log
 from imatch.atomic import atomic_path
 from imatch.devices import check_gpus
 from imatch.download import sha256_file
@@ -35,6 +35,7 @@ PACKAGES = ["ms-swift", "transformers", "torch", "peft", "accelerate", "imatch"]
 # checkpoint files that are training state, not the model
 STATE_FILES = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin"}
 FINGERPRINT = "imatch-run.json"
+GPU_MEMORY = "gpu-memory.jsonl"  # what imatch.gpu_memory records in the scratch folder
 
 
 def answers_per_row(args) -> int:
@@ -89,6 +90,30 @@ def recipe_flags(args, packed: bool = False) -> list[str]:
     return flags
 
 
+def splits_layers(args) -> bool:
+    """One process whose model's layers are spread over the job's GPUs (`--split-layers` with
+    two GPUs or more), instead of one data-parallel process per GPU."""
+    return bool(getattr(args, "split_layers", False)) and args.gpus >= 2
+
+
+def device_flags(args) -> list[str]:
+    """`swift sft` flags of the model's placement. Split layers: `--device_map auto` (what ms-swift
+    picks itself in one process that sees several GPUs, `swift.utils.env.is_mp`; said here rather
+    than left to that guess) and, with a memory cap, `--max_memory` so that transformers plans the
+    split for cards of the cap: `{0: bytes, 1: bytes, ...}`, which ms-swift reads with
+    `ast.literal_eval` (integer keys: the GPUs)."""
+    if not splits_layers(args):
+        return []
+    flags = ["--device_map", "auto"]
+    if getattr(args, "gpu_memory_cap", 0):
+        flags += ["--max_memory", repr(gpu_memory.max_memory(args.gpu_memory_cap, args.gpus))]
+    return flags
+
+
+def uses_gpu_memory_plugin(args) -> bool:
+    return bool(getattr(args, "gpu_memory_cap", 0)) or splits_layers(args)
+
+
 def swift_command(args, arch: archs.Arch, output_dir: Path, resume: Path | None, packed: Path | None = None) -> list[str]:
     """`packed`: the packed training set of prefix sharing (`imatch.prefix`), trained instead of
     --dataset, with the plug-in that encodes and masks its rows."""
@@ -101,6 +126,7 @@ def swift_command(args, arch: archs.Arch, output_dir: Path, resume: Path | None,
         "--strict", "true", "--output_dir", str(output_dir), "--add_version", "false",
         "--report_to", "none", "--dataloader_num_workers", str(args.workers), "--dataset_num_proc", "1",
         *recipe_flags(args, packed=packed is not None),
+        *device_flags(args),
     ]
     plugins, callbacks = [swift_log.__file__, *([arch.plugin] if arch.plugin else [])], []
     if packed:
@@ -111,6 +137,9 @@ def swift_command(args, arch: archs.Arch, output_dir: Path, resume: Path | None,
     if getattr(args, "step_times", None):  # per-step timings for the benchmark (imatch.steptimer)
         plugins.append(steptimer.__file__)
         callbacks.append(steptimer.NAME)
+    if uses_gpu_memory_plugin(args):  # the cap on each GPU, each GPU's peak (imatch.gpu_memory)
+        plugins.append(gpu_memory.__file__)
+        callbacks.append(gpu_memory.NAME)
     if plugins:
         cmd += ["--external_plugins", *plugins]
     if callbacks:
@@ -118,6 +147,26 @@ def swift_command(args, arch: archs.Arch, output_dir: Path, resume: Path | None,
     if resume is not None:
         cmd += ["--resume_from_checkpoint", str(resume)]
     return cmd
+
+
+def swift_environment(args, arch: archs.Arch, scratch: Path) -> dict:
+    """The environment of the `swift sft` process: the template's image budget, how many processes
+    (data parallel: NPROC_PER_NODE, ms-swift's launcher then runs torchrun; split layers: one
+    process that sees every GPU, so no NPROC_PER_NODE, even an inherited one), the plug-ins' files."""
+    env = {**os.environ, **arch.swift_environment(args.max_pixels, args.max_tiles)}
+    if splits_layers(args):
+        env.pop("NPROC_PER_NODE", None)
+        env.pop("SWIFT_SINGLE_DEVICE_MODE", None)  # would hide the split from ms-swift (is_mp)
+    elif args.gpus > 1:  # ms-swift's launcher runs torchrun with one process per GPU
+        env["NPROC_PER_NODE"] = str(args.gpus)
+    if args.step_times:
+        env["IMATCH_STEP_TIMES"] = str(Path(args.step_times).resolve())
+    if args.threads:  # torch's CPU threads in the swift process: the cores this job was given
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    if uses_gpu_memory_plugin(args):
+        env[gpu_memory.CAP_ENV] = str(getattr(args, "gpu_memory_cap", 0) or 0)
+        env[gpu_memory.RECORD_ENV] = str((scratch / GPU_MEMORY).resolve())
+    return env
 
 
 def checkpoints(folder: Path) -> list[Path]:
@@ -229,9 +278,21 @@ def versions() -> dict:
     return out
 
 
+def check_placement(args) -> None:
+    """Refuse what cannot run split over GPUs (before anything loads)."""
+    if getattr(args, "gpu_memory_cap", 0) < 0:
+        raise SystemExit(f"--gpu-memory-cap {args.gpu_memory_cap}: a cap in GiB, > 0 (0: none)")
+    if splits_layers(args) and getattr(args, "liger", False):  # ms-swift refuses it after loading the model
+        raise SystemExit("--liger cannot run with --split-layers: ms-swift's liger kernels do not support a "
+                         "model spread over GPUs (device_map)")
+
+
 def train(args) -> dict:
     arch = archs.get(args.arch)
+    check_placement(args)
     gpu_line = check_gpus(args.gpus)
+    if getattr(args, "split_layers", False) and args.gpus < 2:
+        print(f"--split-layers with {args.gpus} GPU(s): nothing to split, one process as without it")
     n_rows, data_hash = 0, []
     for dataset in args.dataset:
         if not Path(dataset).is_file():
@@ -263,13 +324,8 @@ def train(args) -> dict:
     elif resume is not None:
         print(f"resuming from {resume}")
         restore_live_keys(resume)
-    env = {**os.environ, **arch.swift_environment(args.max_pixels, args.max_tiles)}
-    if args.gpus > 1:  # ms-swift's launcher runs torchrun with one process per GPU
-        env["NPROC_PER_NODE"] = str(args.gpus)
-    if args.step_times:
-        env["IMATCH_STEP_TIMES"] = str(Path(args.step_times).resolve())
-    if args.threads:  # torch's CPU threads in the swift process: the cores this job was given
-        env["OMP_NUM_THREADS"] = str(args.threads)
+    env = swift_environment(args, arch, args.scratch)
+    (args.scratch / GPU_MEMORY).unlink(missing_ok=True)  # this run's peaks only
     cmd = swift_command(args, arch, args.scratch, resume, packed)
     start = time.time()
     if not done:
@@ -302,6 +358,13 @@ def train(args) -> dict:
         "wall_seconds_this_run": round(wall, 2),
         "seconds_per_step_this_run": round(wall / max(1, steps_this_run), 4),  # includes start-up
         "devices": gpu_line,
+        # one process over the GPUs (layers split) or one per GPU; the cap and each GPU's peak
+        "parallelism": "split-layers" if splits_layers(args) else ("data-parallel" if args.gpus > 1 else "single"),
+        "gpu_memory": None if not uses_gpu_memory_plugin(args) else {
+            "cap_gib": getattr(args, "gpu_memory_cap", 0) or None,
+            "max_memory": gpu_memory.max_memory(args.gpu_memory_cap, args.gpus)  # the split's plan
+            if getattr(args, "gpu_memory_cap", 0) and splits_layers(args) else None,
+            "processes": gpu_memory.read_records(args.scratch / GPU_MEMORY)},
         "swift_command": cmd,
         "swift_args": json.loads((args.scratch / "args.json").read_text()) if (args.scratch / "args.json").is_file() else None,
         "loss_curve": curve,
@@ -367,6 +430,16 @@ def add_parser(subparsers) -> None:
     p.add_argument("--scratch", type=Path, required=True, help="working folder for checkpoints (resume)")
     p.add_argument("--gpus", type=int, default=0, help="GPUs this job asked for; fail if a different number is visible")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: its default, every core)")
+    p.add_argument("--split-layers", action=argparse.BooleanOptionalAction, default=False,
+                   help="with --gpus N >= 2: ONE swift process over the N GPUs, the model's layers split over them "
+                        "(ms-swift's device_map=auto, run one GPU after the other), for a model too big for one card "
+                        "(Ovis2-34B on 80 GB cards); --batch-size is then the step's whole batch. Default: one "
+                        "data-parallel process per GPU (torchrun), each holding the whole model")
+    p.add_argument("--gpu-memory-cap", type=float, default=0, metavar="GIB",
+                   help="cap each GPU of the training process at GIB GiB (torch's per-process memory fraction, "
+                        "imatch.gpu_memory; an allocation past it fails as on a card of that size), and with "
+                        "--split-layers plan the split for cards of GIB GiB (swift's --max_memory); "
+                        "0: no cap. Each GPU's peak memory goes to training.json")
     p.add_argument("--step-times", type=Path, help="append per-step compute / data-wait seconds here (JSON lines)")
     p.add_argument("--keep-scratch", action="store_true",
                    help="keep the working checkpoints after the output is written (default: removed)")
