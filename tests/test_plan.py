@@ -52,6 +52,23 @@ def test_recipe_flags_are_the_sorted_recipe_with_the_backbones_overrides_and_til
     assert "--max-tiles" not in plan.recipe_flags("qwen2_5-vl-7b")  # Qwen2.5-VL does not tile
 
 
+def test_ovis2_34b_trains_in_one_process_over_two_gpus_capped_at_80_gib():
+    """evalmuse.yaml: the 34B's layers split over its two GPUs, each capped at 80 GiB (80 GB cards);
+    at their defaults the two placement keys stay out of every other job's command (unchanged
+    commands: no retraining of finished models)."""
+    plan = Plan(config("evalmuse.yaml"))
+    got = plan.recipe_flags("ovis2-34b").split()
+    assert "--split-layers" in got and got[got.index("--gpu-memory-cap") + 1] == "80"
+    assert plan.gpus("ovis2-34b") == 2
+    for name in ("internvl2_5-8b-mpo", "qwen2_5-vl-7b", "ovis2-8b", "ovis2-16b"):
+        assert "split-layers" not in plan.recipe_flags(name) and "--gpu-memory-cap" not in plan.recipe_flags(name)
+        assert plan.gpus(name) == 1
+    explicit = config("evalmuse.yaml", train__split_layers=False, train__gpu_memory_cap=0)
+    assert Plan(explicit).recipe_flags("ovis2-8b") == plan.recipe_flags("ovis2-8b")
+    capped = Plan(config("evalmuse.yaml", train__gpu_memory_cap=79.5)).recipe_flags("ovis2-8b").split()
+    assert capped[capped.index("--gpu-memory-cap") + 1] == "79.5" and "--no-split-layers" not in capped
+
+
 def test_score_flags_take_the_image_budget_from_the_recipe():
     cfg = config()
     cfg["train"]["max_pixels"] = 4096

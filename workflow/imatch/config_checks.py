@@ -57,6 +57,17 @@ def check_overrides(config: dict, schema: dict) -> None:
                 raise ConfigError(f"backbones[{b['name']}].{key}: {errors[0]}")
 
 
+def check_placement(config: dict) -> None:
+    """A recipe that splits a model's layers over GPUs (`split_layers`) needs two GPUs or more."""
+    for b in config["backbones"]:
+        recipe = {**config["train"], **(b.get("recipe") or {})}
+        gpus = config["resources"]["gpus"] if b.get("gpus") is None else b["gpus"]
+        if recipe.get("split_layers") and gpus < 2:
+            where = "recipe.split_layers" if "split_layers" in (b.get("recipe") or {}) else "(train.split_layers)"
+            raise ConfigError(f"backbones[{b['name']}].{where}: splitting the layers needs gpus >= 2, the backbone "
+                              f"has {gpus} (set backbones[{b['name']}].gpus)")
+
+
 def check_names(config: dict) -> None:
     """Names that refer to backbones or predictors must exist."""
     names = [b["name"] for b in config["backbones"]]
@@ -144,6 +155,7 @@ def check_writable(results: Path) -> None:
 def check(config: dict, schema: dict, workdir: Path) -> None:
     check_names(config)
     check_overrides(config, schema)
+    check_placement(config)
     check_paths(config, workdir)
     check_writable(workdir / config["results"])
 

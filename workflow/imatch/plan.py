@@ -17,6 +17,8 @@ from imatch.config_checks import BASELINES, predictor_names
 from imatch.variants import Registry
 
 TASKS = ("overall", "element")
+# recipe keys that change nothing at these values (one process per GPU, no memory cap): not passed then
+QUIET_DEFAULTS = {"split_layers": False, "gpu_memory_cap": 0}
 
 
 def _named(values) -> dict:
@@ -345,8 +347,12 @@ class Plan:
         return "" if tiles is None else f"--max-tiles {tiles}"
 
     def recipe_flags(self, backbone: str) -> str:
-        """The recipe as `imatch train` flags (keys checked by config_checks)."""
-        return " ".join(f for f in (flags(dict(sorted(self.recipe(backbone).items()))), self.tiles_flag(backbone)) if f)
+        """The recipe as `imatch train` flags (keys checked by config_checks). The placement keys
+        (`QUIET_DEFAULTS`) are left out at their default: a config that does not use them keeps its
+        jobs' commands, and Snakemake does not retrain a finished model for a flag that changes nothing."""
+        recipe = {k: v for k, v in sorted(self.recipe(backbone).items())
+                  if not (k in QUIET_DEFAULTS and v == QUIET_DEFAULTS[k])}
+        return " ".join(f for f in (flags(recipe), self.tiles_flag(backbone)) if f)
 
     def score_flags(self, backbone: str) -> str:
         """The scoring settings as `imatch score-set` flags; the image budget is the recipe's."""
