@@ -3,6 +3,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 CORES ?= 2
+# pytest-xdist workers of `make test` / `make test-fast` (tests/conftest.py says how tests are grouped)
+TEST_WORKERS ?= $(CORES)
+PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 STAMP := $(VENV)/.installed
 
 .PHONY: run test test-fast reliability report lint clean mutation
@@ -17,12 +20,12 @@ run: $(STAMP)
 	$(VENV)/bin/snakemake --cores $(CORES)
 
 test: $(STAMP)
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest $(PYTEST_PARALLEL)
 
 # The inner loop: the unit tests, without what runs the workflow, SLURM, ms-swift training or the
 # benchmark driver (the `slow` marker, tests/conftest.py). CI runs `make test`.
 test-fast: $(STAMP)
-	$(VENV)/bin/pytest -m "not slow" -q
+	$(VENV)/bin/pytest $(PYTEST_PARALLEL) -m "not slow" -q
 
 # The fault, bad-input, integrity, fuzzing and determinism tests of docs/reliability.md
 reliability: $(STAMP)

@@ -93,9 +93,36 @@ SLOW_MODULES = {"test_models", "test_slurm", "test_prefix", "test_performance", 
                 "test_reproducibility", "test_scorer", "test_docs"}
 SLOW_NAMES = ("swift_sft", "named_by_snakemake")  # a training through `swift sft`; a Snakemake start
 
+# `make test` runs the suite on two pytest-xdist workers (`--dist loadgroup`): one pytest process
+# keeps one core busy on average (most of a test's time is Python start-up, imports and waiting on
+# subprocesses), so two share a 2-core machine. Every test that reads the finished demo tree (the
+# session fixture `workflow`, built once per worker process) is in one group, on one worker; the
+# other tests are grouped by module, so a module's fixtures are built once. The groups start
+# longest first: the demo tree, then test_models (model training), then the other slow modules,
+# then the unit tests, so that the last minutes of the run are short tests on both workers (and
+# the Snakemake calls of the slow modules run while the SLURM test's cluster is up).
+TREE_GROUP = "demo-tree"
+FIRST_GROUPS = (TREE_GROUP, "test_models")
 
+
+def _group(item) -> str:
+    if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return TREE_GROUP
+    return item.module.__name__
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if (SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ in SLOW_MODULES
                 or any(name in item.name for name in SLOW_NAMES)):
             item.add_marker(pytest.mark.slow)
+        item.add_marker(pytest.mark.xdist_group(_group(item)))
+
+    def rank(item):
+        group = _group(item)
+        if group in FIRST_GROUPS:
+            return FIRST_GROUPS.index(group), "cluster" in item.fixturenames
+        return len(FIRST_GROUPS) + (0 if item.get_closest_marker("slow") else 1), False
+
+    items.sort(key=rank)  # stable: collection order within a rank
