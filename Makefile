@@ -5,7 +5,7 @@ VENV ?= .venv
 CORES ?= 2
 # pytest-xdist workers of `make test` / `make test-fast` (tests/conftest.py says how tests are grouped)
 TEST_WORKERS ?= $(CORES)
-PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 STAMP := $(VENV)/.installed
 
 .PHONY: run test test-fast reliability report lint clean mutation

@@ -93,36 +93,52 @@ SLOW_MODULES = {"test_models", "test_slurm", "test_prefix", "test_performance", 
                 "test_reproducibility", "test_scorer", "test_docs"}
 SLOW_NAMES = ("swift_sft", "named_by_snakemake")  # a training through `swift sft`; a Snakemake start
 
-# `make test` runs the suite on two pytest-xdist workers (`--dist loadgroup`): one pytest process
-# keeps one core busy on average (most of a test's time is Python start-up, imports and waiting on
-# subprocesses), so two share a 2-core machine. Every test that reads the finished demo tree (the
-# session fixture `workflow`, built once per worker process) is in one group, on one worker; the
-# other tests are grouped by module, so a module's fixtures are built once. The groups start
-# longest first: the demo tree, then test_models (model training), then the other slow modules,
-# then the unit tests, so that the last minutes of the run are short tests on both workers (and
-# the Snakemake calls of the slow modules run while the SLURM test's cluster is up).
-TREE_GROUP = "demo-tree"
-FIRST_GROUPS = (TREE_GROUP, "test_models")
+# `make test` runs the suite on two pytest-xdist workers: one pytest process keeps one core busy
+# on average (most of a test's time is Python start-up, imports and waiting on subprocesses), so two
+# share a 2-core machine. Tests are dealt out a module at a time (module fixtures are built once),
+# except that the modules whose tests read the finished demo tree (the session fixture `workflow`,
+# built once per worker process, ~5 minutes) form one unit on one worker. (xdist's own `loadgroup`
+# cannot be used: it renames node ids, which pytest 9 ignores, so its groups are silently lost.)
+# The units start longest first: the demo tree, then test_models (model training), then the
+# other slow modules, then the unit tests, so that the last minutes of the run are short tests on
+# both workers. The SLURM test is the demo tree's last: once SLURM is installed, a Snakemake start
+# waits ~10 s whenever the controller is down (tests/test_slurm.py), so the cluster starts late and
+# the other worker's Snakemake calls, in the slow modules, are done before it stops.
+TREE_MODULES = ("test_workflow", "test_slurm")
+FIRST_UNITS = ("demo tree", "test_models")
 
 
-def _group(item) -> str:
-    if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
-        return TREE_GROUP
-    return item.module.__name__
+def _unit(module: str) -> str:
+    return "demo tree" if module in TREE_MODULES else module
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if (SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ in SLOW_MODULES
-                or any(name in item.name for name in SLOW_NAMES)):
+        module = item.module.__name__
+        uses_tree = bool(SLOW_FIXTURES & set(getattr(item, "fixturenames", ())))
+        if uses_tree and module not in TREE_MODULES:  # it would build a second demo tree on the other worker
+            raise pytest.UsageError(f"{item.nodeid} uses the demo tree: put it in one of {TREE_MODULES} "
+                                    "or add its module there (tests/conftest.py)")
+        if uses_tree or module in SLOW_MODULES or any(name in item.name for name in SLOW_NAMES):
             item.add_marker(pytest.mark.slow)
-        item.add_marker(pytest.mark.xdist_group(_group(item)))
 
     def rank(item):
-        group = _group(item)
-        if group in FIRST_GROUPS:
-            return FIRST_GROUPS.index(group), "cluster" in item.fixturenames
-        return len(FIRST_GROUPS) + (0 if item.get_closest_marker("slow") else 1), False
+        unit = _unit(item.module.__name__)
+        if unit in FIRST_UNITS:
+            return FIRST_UNITS.index(unit), "cluster" in item.fixturenames
+        return len(FIRST_UNITS) + (0 if item.get_closest_marker("slow") else 1), False
 
     items.sort(key=rank)  # stable: collection order within a rank
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadscope` with the demo tree's modules as one unit."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class DemoTreeTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _unit(Path(nodeid.split("::", 1)[0]).stem)
+
+    return DemoTreeTogether(config, log)
