@@ -51,8 +51,8 @@ def test_the_shipped_configs_pass(real):
     (lambda c: c["evaluate"].update(predictors=["ensemble", "blank-ovis2-34b"]),
      "evaluate.predictors / submission.predictor: ['ovis2-34b'] train(s) no element"),
     (lambda c: c["backbones"][0].update(tasks=["element"]), "ensemble.overall: ['internvl2_5-8b-mpo'] train(s) no overall"),
-    # ovis2-34b splits its layers over its two GPUs: not over one
-    (lambda c: c["backbones"][4].update(gpus=None), "backbones[ovis2-34b].recipe.split_layers: splitting the layers needs "
+    # a backbone that splits its layers needs two GPUs or more
+    (lambda c: c["backbones"][4].update(recipe={"split_layers": True}), "backbones[ovis2-34b].recipe.split_layers: splitting the layers needs "
      "gpus >= 2, the backbone has 1"),
     (lambda c: c["train"].update(split_layers=True), "backbones[internvl2_5-8b-mpo].(train.split_layers): splitting"),
     (lambda c: c["data"].update(eval_json="resources/none.json"), "data.eval_json: resources/none.json is not a file"),

@@ -63,15 +63,21 @@ def test_a_missing_rate_or_count_is_named(tmp_path, imatch):
 def test_the_committed_h200_rates_are_the_committed_benchmarks():
     """benchmarks/rates-h200.json is rates_from_bench of the result files it names, in date order."""
     committed = json.loads((REPO / "benchmarks" / "rates-h200.json").read_text())
-    sources = sorted({v["source"] for entry in committed["archs"].values() for v in entry.values()})
+    entries = [v for entry in committed["archs"].values() for k, v in entry.items() if k != "by_size"]
+    entries += [v for entry in committed["archs"].values() for size in entry.get("by_size", {}).values()
+                for v in size.values()]
+    sources = sorted({v["source"] for v in entries})
     files = [REPO / "benchmarks" / "results" / s for s in sources]
     order = ["2026-11-26-h200/score-qwen2_5_vl.json", "2026-11-26-h200/score-internvl-ovis2.json",
              "2026-11-26-h200/train-qwen2_5_vl.json", "2026-11-30-h200-prefix/qwen2_5_vl.json",
              "2026-11-30-h200-prefix/internvl.json", "2026-11-30-h200-prefix/ovis2.json",
-             "2026-11-30-h200-prefix/internvl-no-ckpt.json", "2026-11-30-h200-prefix/ovis2-no-ckpt.json"]
+             "2026-11-30-h200-prefix/internvl-no-ckpt.json", "2026-11-30-h200-prefix/ovis2-no-ckpt.json",
+             "2026-11-30-h200-ovis2-34b/one-gpu-nocap.json", "2026-11-30-h200-ovis2-34b/one-gpu-cap79.json"]
     assert set(sources) <= set(order)
     assert cost.rates_from_bench([REPO / "benchmarks" / "results" / f for f in order]) == committed
     assert all(f.is_file() for f in files)
+    # Ovis2-34B measured on one GPU capped at 79 GiB (an 80 GB card): its own rate, not 34/8 of the 8B's
+    assert committed["archs"]["ovis2"]["by_size"]["34"]["train_ckpt"]["per_second"] == 3.035
     qwen = committed["archs"]["qwen2_5_vl"]
     assert qwen["train_shared"]["per_second"] > 1.8 * qwen["train"]["per_second"]
 
@@ -109,3 +115,48 @@ def test_counts_come_from_the_ingested_tables(ingested, tmp_path, imatch):
     jobs = json.loads(out.with_suffix(".json").read_text())
     r1 = next(j for j in jobs if j["stage"] == "score" and j["task"] == "element" and j["round"] == "r1")
     assert r1["work"] == pytest.approx((table["split"] == "val").sum() * per_image)  # round 1 scores val only
+
+
+def test_a_rate_measured_at_the_backbones_size_replaces_the_parameter_count_and_a_split_holds_its_gpus():
+    """Ovis2-34B: charged 34/8 of the 8B's rate until a rate measured at 34B exists; a training job
+    whose layers are split over two GPUs is charged both GPUs for its whole time."""
+    config = {"backbones": [{"name": "big", "arch": "ovis2", "checkpoint": "AIDC-AI/Ovis2-34B"},
+                            {"name": "small", "arch": "ovis2", "checkpoint": "AIDC-AI/Ovis2-8B"}]}
+    counts = cost.Counts({"train": 3600}, elements_per_image=4, augmented={})
+    train = ["train", "--arch", "ovis2", "--model", "m", "--dataset", "results/instructions/overall/train.jsonl",
+             "--out", "results/models/{}/overall-r1", "--scratch", "s", "--batch-size", "8", "--grad-accum", "2",
+             "--no-gradient-checkpointing"]
+    one = [a.format("big") for a in train]
+    split = [*one, "--gpus", "2", "--split-layers"]
+    small = [a.format("small") for a in train]
+    rates = json.loads(json.dumps(RATES))
+    jobs = cost.estimate([one, small], config, counts, rates)
+    assert list(jobs["hours"]) == pytest.approx([3600 / 10 * 34 / 8 / 3600, 3600 / 10 / 3600])
+    rates["archs"]["ovis2"]["by_size"] = {"34": {"train": {"per_second": 3.0}}}
+    jobs = cost.estimate([one, split, small], config, counts, rates)
+    assert list(jobs["hours"]) == pytest.approx([3600 / 3.0 / 3600, 2 * 3600 / 3.0 / 3600, 3600 / 10 / 3600])
+    assert "measured at 34B" in jobs["note"][0] and "2 GPUs held" in jobs["note"][1] and jobs["note"][2] == ""
+
+
+def test_the_34b_rate_is_the_step_timer_s_as_the_gpu_run_summarised_it():
+    """benchmarks/train_rate.py, on the committed split run, gives the samples/s that
+    benchmarks/ovis2_34b.sh's own report computed on the GPU machine, per process and per GPU held."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_rate", REPO / "benchmarks" / "train_rate.py")
+    train_rate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_rate)
+    results = REPO / "benchmarks" / "results" / "2026-11-30-h200-ovis2-34b"
+    training = json.loads((results / "split-2gpu-training.json").read_text())
+    steps = [json.loads(line) for line in (results / "split-2gpu-step_times.jsonl").read_text().splitlines()]
+    summary = json.loads((results / "split-2gpu-summary.json").read_text())
+    got = train_rate.rate(training, steps)
+    assert got["gpus"] == 2 and got["batch"] == summary["samples_per_step"] == 16
+    assert got["per_process"] == pytest.approx(summary["samples_per_second"], abs=1e-3)
+    assert got["per_second"] == pytest.approx(summary["samples_per_second"] / 2, abs=1e-3)
+    committed = json.loads((results / "one-gpu-cap79.json").read_text())["rows"][0]
+    one = train_rate.rate(json.loads((results / "one-gpu-cap79-training.json").read_text()),
+                          [json.loads(x) for x in (results / "one-gpu-cap79-step_times.jsonl").read_text().splitlines()])
+    assert committed["per_second"] == pytest.approx(one["per_second"]) and one["gpus"] == 1
+    peak = committed["gpu_memory"]["processes"][0]["devices"][0]
+    assert peak["cap_gib"] == 79.0 and peak["peak_reserved_gib"] < 79.0  # it fit the 80 GB card's cap

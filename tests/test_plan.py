@@ -52,14 +52,18 @@ def test_recipe_flags_are_the_sorted_recipe_with_the_backbones_overrides_and_til
     assert "--max-tiles" not in plan.recipe_flags("qwen2_5-vl-7b")  # Qwen2.5-VL does not tile
 
 
-def test_ovis2_34b_trains_in_one_process_over_two_gpus_capped_at_80_gib():
-    """evalmuse.yaml: the 34B's layers split over its two GPUs, each capped at 80 GiB (80 GB cards);
-    at their defaults the two placement keys stay out of every other job's command (unchanged
-    commands: no retraining of finished models)."""
+def test_ovis2_34b_trains_on_one_gpu_and_its_80_gb_alternative_splits_over_two():
+    """evalmuse.yaml: the 34B on one GPU (measured to fit 79 GiB); the alternative its comment gives for
+    smaller cards, layers split over two GPUs each capped at 80 GiB, reaches its training command; at
+    their defaults the two placement keys stay out of every other job's command (unchanged commands:
+    no retraining of finished models)."""
     plan = Plan(config("evalmuse.yaml"))
-    got = plan.recipe_flags("ovis2-34b").split()
+    assert plan.gpus("ovis2-34b") == 1 and "split-layers" not in plan.recipe_flags("ovis2-34b")
+    split = config("evalmuse.yaml")
+    split["backbones"][4].update(gpus=2, recipe={"split_layers": True, "gpu_memory_cap": 80})
+    got = Plan(split).recipe_flags("ovis2-34b").split()
     assert "--split-layers" in got and got[got.index("--gpu-memory-cap") + 1] == "80"
-    assert plan.gpus("ovis2-34b") == 2
+    assert Plan(split).gpus("ovis2-34b") == 2
     for name in ("internvl2_5-8b-mpo", "qwen2_5-vl-7b", "ovis2-8b", "ovis2-16b"):
         assert "split-layers" not in plan.recipe_flags(name) and "--gpu-memory-cap" not in plan.recipe_flags(name)
         assert plan.gpus(name) == 1

@@ -193,7 +193,7 @@ def test_the_plugin_is_a_no_op_without_cuda_and_records_what_it_saw(tmp_path, mo
 
 def test_the_34b_script_runs_its_wiring_through_swift_sft_on_the_cpu(tmp_path):
     """benchmarks/ovis2_34b.sh end to end with the tiny Ovis2 on the CPU (SIZE=tiny DEVICE=cpu): demo
-    data, the ovis2-34b recipe read from config/evalmuse.yaml (layers split, cap 80), the backbone,
+    data, the ovis2-34b recipe read from config/evalmuse.yaml plus the split and the cap, the backbone,
     `imatch train` with the cap's plug-in, and the report. On the CPU nothing is split or capped;
     the GPU run (2 GPUs) is the same script with SIZE=34b (docs/performance.md)."""
     import subprocess

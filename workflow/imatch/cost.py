@@ -13,7 +13,9 @@ measures them (`--bench bench.json ...`, later files win; `--write-rates` keeps 
 `train` (per query), `train_shared` (element queries, prefix shared), each also with `_ckpt`
 (gradient checkpointing on, as the job's flags say), `score`, `score_shared`. A backbone larger
 than the one measured is charged by its parameter count (from its checkpoint name, e.g.
-Ovis2-34B: 34/8 of Ovis2-8B): an estimate, said so in the table.
+Ovis2-16B: 16/8 of Ovis2-8B): an estimate, said so in the table, unless a rate was measured at
+its size (a result row with `params_b`, as `benchmarks/train_rate.py` writes it). A training job
+whose layers are split over N GPUs (`--split-layers`) is charged N GPUs for its time.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ def rates_from_bench(paths: list[Path]) -> dict:
             if key is None or not row.get("per_second"):
                 continue
             entry = archs.setdefault(row["arch"], {})
+            if row.get("params_b"):  # a run of one size of the architecture (benchmarks/train_rate.py)
+                entry = entry.setdefault("by_size", {}).setdefault(f"{row['params_b']:g}", {})
             if key.startswith("train") and row["stage"] == "train" and entry.get(key, {}).get("stage") == "element-train":
                 continue  # the per-query element rate, measured beside the shared one, is the like-for-like one
             compiled = "--compile" in str(entry.get("score", {}).get("variant"))
@@ -150,19 +154,27 @@ def estimate(commands: list[list[str]], config: dict, counts: Counts, rates: dic
             kind = "score_shared" if args.share_prefix and task == "element" else "score"
             stage = "score"
         arch = backbones[backbone]["arch"]
-        measured = rates["archs"].get(arch, {})
         fallback = kind.replace("_shared", "")  # sharing not measured: charged as per-query work
+        size = params_b(backbones[backbone])
+        sized = rates["archs"].get(arch, {}).get("by_size", {}).get(f"{size:g}", {}) if size else {}
+        measured = sized if (sized.get(kind) or sized.get(fallback)) else rates["archs"].get(arch, {})
         rate = measured.get(kind) or measured.get(fallback)
         if rate is None:
             raise SystemExit(f"no measured {kind} rate for {arch} in the rates given")
-        size = params_b(backbones[backbone])
-        scale = size / MEASURED_PARAMS_B[arch] if size else 1.0
+        scale = 1.0 if measured is sized or not size else size / MEASURED_PARAMS_B[arch]
         note = "" if rate is measured.get(kind) else f"{kind} not measured: {fallback} rate"
+        if measured is sized:
+            note = "; ".join(filter(None, [f"measured at {size:g}B", note]))
         if scale > 1.05:
             note = "; ".join(filter(None, [note, f"charged x{scale:.2f} by parameter count (estimate)"]))
+        # a job whose layers are split over N GPUs holds all N for its whole time; charged N x its time
+        # at the one-GPU rate (Ovis2-34B: 1.45 samples/s per GPU split over two, 3.0-3.4 on one)
+        held = args.gpus if stage == "train" and getattr(args, "split_layers", False) else 1
+        if held > 1:
+            note = "; ".join(filter(None, [note, f"layers split: {held} GPUs held"]))
         rows.append({"stage": stage, "backbone": backbone, "task": task, "round": round_, "work": work,
                      "per_second": rate["per_second"], "scale": scale,
-                     "hours": (work / rate["per_second"] * scale + startup) / 3600, "note": note})
+                     "hours": (work / rate["per_second"] * scale + startup) * held / 3600, "note": note})
     return pd.DataFrame(rows)
 
 
