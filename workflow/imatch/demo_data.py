@@ -140,12 +140,27 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box, colour) -> None:
         draw.ellipse(box, outline=colour, width=max(2, int(r / 2.5)))
 
 
+GRID_CELLS = 4  # images are a GRID_CELLS x GRID_CELLS grid; each shape fills one cell
+
+
+def _background(rng: np.random.Generator) -> tuple[int, int, int]:
+    """A light background colour (every channel >= 225, so no shape colour can equal it)."""
+    return tuple(int(v) for v in rng.integers(225, 256, size=3))
+
+
+def _cell_box(i: int, j: int, cell: int, jitter) -> tuple[int, int, int, int]:
+    """The box of the shape drawn in grid cell (column i, row j): a 3-px margin, shifted by `jitter`
+    (dx, dy); `pretrain_corpus` draws its scenes through this and `_draw_shape` too."""
+    x0, y0 = i * cell + 3 + int(jitter[0]), j * cell + 3 + int(jitter[1])
+    side = cell - 8
+    return (x0, y0, x0 + side, y0 + side)
+
+
 def _render(spec: PromptSpec, error_rate: float, rng: np.random.Generator, size: int):
     """Draw one image for `spec` with a model's error rate; return (image, element truths)."""
-    bg = tuple(int(v) for v in rng.integers(225, 256, size=3))
-    img = Image.new("RGB", (size, size), bg)
+    img = Image.new("RGB", (size, size), _background(rng))
     draw = ImageDraw.Draw(img)
-    cells = 4
+    cells = GRID_CELLS
     cell = size // cells
     free = {(i, j) for i in range(cells) for j in range(cells)}
 
@@ -174,9 +189,7 @@ def _render(spec: PromptSpec, error_rate: float, rng: np.random.Generator, size:
             i, j = options[int(k)]
             free.discard((i, j))
             jitter = rng.integers(0, cell // 6 + 1, size=2)
-            x0, y0 = i * cell + 3 + int(jitter[0]), j * cell + 3 + int(jitter[1])
-            side = cell - 8
-            _draw_shape(draw, shape, (x0, y0, x0 + side, y0 + side), COLOURS[colour])
+            _draw_shape(draw, shape, _cell_box(i, j, cell, jitter), COLOURS[colour])
         present.append(drawn > 0)
         truth[f"shape{gi}"] = int(drawn > 0 and shape == g.shape)
         truth[f"colour{gi}"] = int(drawn > 0 and colour == g.colour)
