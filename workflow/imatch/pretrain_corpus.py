@@ -17,7 +17,8 @@ Output (the folder is written atomically): `images/<scene>.png`, `corpus.jsonl` 
 `messages` user "<image>question" / assistant answer, `images` [path]), `corpus.parquet` (the same
 rows with their scene, question type and answer), `summary.json` (counts per question type, the
 answer distribution per type, the seed and namespace, the files' sha256). Image paths are relative
-to the folder, so a seed gives the same bytes wherever the corpus is written.
+to the folder, so a seed gives the same bytes wherever the corpus is written; ms-swift resolves a
+relative path against its working directory, so a trainer runs in the folder or makes them absolute.
 """
 
 from __future__ import annotations
