@@ -72,7 +72,8 @@ def test_the_committed_h200_rates_are_the_committed_benchmarks():
              "2026-11-26-h200/train-qwen2_5_vl.json", "2026-11-30-h200-prefix/qwen2_5_vl.json",
              "2026-11-30-h200-prefix/internvl.json", "2026-11-30-h200-prefix/ovis2.json",
              "2026-11-30-h200-prefix/internvl-no-ckpt.json", "2026-11-30-h200-prefix/ovis2-no-ckpt.json",
-             "2026-11-30-h200-ovis2-34b/one-gpu-nocap.json", "2026-11-30-h200-ovis2-34b/one-gpu-cap79.json"]
+             "2026-11-30-h200-ovis2-34b/one-gpu-nocap.json", "2026-11-30-h200-ovis2-34b/one-gpu-cap79.json",
+             "2026-11-30-h200-element-score/internvl.json", "2026-11-30-h200-element-score/ovis2.json"]
     assert set(sources) <= set(order)
     assert cost.rates_from_bench([REPO / "benchmarks" / "results" / f for f in order]) == committed
     assert all(f.is_file() for f in files)
