@@ -3,9 +3,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 CORES ?= 2
-# pytest-xdist workers of `make test` / `make test-fast` (tests/conftest.py says how tests are grouped)
+# pytest-xdist workers of `make test` / `make test-fast` (tests/conftest.py says how tests are grouped).
+# Two workers run torch on the same cores: OpenMP's threads sleep instead of spinning while they wait
+# (the same results; spinning made a memorisation proof 5x slower beside the demo tree's jobs).
 TEST_WORKERS ?= $(CORES)
 PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
+export OMP_WAIT_POLICY ?= PASSIVE
 STAMP := $(VENV)/.installed
 
 .PHONY: run test test-fast reliability report lint clean mutation

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,6 +61,26 @@ def workflow(tmp_path_factory):
     wd, small = copy_workflow(tmp_path_factory.mktemp("wf"))
     snakemake(wd, configs=[small])
     return wd, small
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """os.environ as it was before the test, after it. Commands run in-process set ms-swift's image
+    budget there (MAX_PIXELS and the like: its templates read them), as the CLI must; left set, it
+    changed what later tests of the same process encoded (a 128 px image became 8x8 patches instead
+    of 10x10 once test_prefix had run), so a test's result depended on the order tests ran in."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+    # ms-swift copies MAX_PIXELS & co. into qwen_vl_utils' module globals at the first Qwen2.5-VL
+    # load of a process and never again (`patch_qwen_vl_utils`, latched by `_patch`): undone, so the
+    # next test loads with its own budget, as a fresh process (a workflow job) does
+    vision = sys.modules.get("qwen_vl_utils.vision_process")
+    if vision is not None and hasattr(vision, "_patch"):
+        del vision._patch
+        importlib.reload(vision)
 
 
 @pytest.fixture
