@@ -124,9 +124,9 @@ SLOW_NAMES = ("swift_sft", "named_by_snakemake")  # a training through `swift sf
 # cannot be used: it renames node ids, which pytest 9 ignores, so its groups are silently lost.)
 # The units start longest first: the demo tree, then test_models (model training), then the
 # other slow modules, then the unit tests, so that the last minutes of the run are short tests on
-# both workers. The SLURM test is the demo tree's last: once SLURM is installed, a Snakemake start
-# waits ~10 s whenever the controller is down (tests/test_slurm.py), so the cluster starts late and
-# the other worker's Snakemake calls, in the slow modules, are done before it stops.
+# both workers. The SLURM test is the demo tree's first: once SLURM is installed, a Snakemake start
+# waits ~10 s whenever the controller is down (tests/test_slurm.py), so the cluster is up for the
+# demo tree's many Snakemake calls, and stops with the longest worker, after the other worker's.
 TREE_MODULES = ("test_workflow", "test_slurm")
 FIRST_UNITS = ("demo tree", "test_models")
 
@@ -148,7 +148,7 @@ def pytest_collection_modifyitems(config, items):
     def rank(item):
         unit = _unit(item.module.__name__)
         if unit in FIRST_UNITS:
-            return FIRST_UNITS.index(unit), "cluster" in item.fixturenames
+            return FIRST_UNITS.index(unit), "cluster" not in item.fixturenames
         return len(FIRST_UNITS) + (0 if item.get_closest_marker("slow") else 1), False
 
     items.sort(key=rank)  # stable: collection order within a rank
