@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +87,32 @@ def test_qwen_encoding_is_the_papers_pipeline(qwen, tmp_path, max_pixels):
         t, gh, gw = ref["image_grid_thw"][0].tolist()
         assert gh * gw * 14 * 14 <= max(max_pixels, 28 * 28 * 4) * 1.25  # Qwen rounds to 28-pixel steps
         assert enc["input_ids"].count(151655) == gh * gw // 4
+
+
+def test_a_second_qwen_load_in_one_process_encodes_with_its_own_budget(qwen, tmp_path, monkeypatch):
+    """Two Qwen2.5-VL loads in one process with different image budgets (a Scorer of two bundles):
+    each encodes a 1024² image as a fresh process with that budget does (a workflow job: MAX_PIXELS
+    set, as `imatch score-set` and the Scorer set it). ms-swift latches the first load's budget."""
+    import subprocess
+    import sys
+
+    folder, arch = qwen
+    big = _picture(tmp_path / "big.png", (1024, 1024))
+    probe = ("import os, sys; from pathlib import Path; from imatch import archs, score; arch = archs.get('qwen2_5_vl');"
+             "t = score.load(Path(sys.argv[1]), arch, device='cpu', dtype='float32', max_pixels=int(os.environ['MAX_PIXELS']))[2];"
+             "print(t.encode({'messages': [{'role': 'user', 'content': '<image>x'}], 'images': [sys.argv[2]]})"
+             "['image_grid_thw'].tolist())")
+    grids, fresh = {}, {}
+    for budget in (16384, 200704):
+        monkeypatch.setenv("MAX_PIXELS", str(budget))
+        _, _, template = score.load(folder, arch, device="cpu", dtype="float32", max_pixels=budget)
+        enc = template.encode({"messages": [{"role": "user", "content": "<image>x"}], "images": [big]})
+        grids[budget] = enc["image_grid_thw"].tolist()
+        env = {k: v for k, v in os.environ.items() if k != "IMAGE_MAX_TOKEN_NUM"}
+        out = subprocess.run([sys.executable, "-c", probe, str(folder), big], env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        fresh[budget] = eval(out.stdout.strip().splitlines()[-1])
+    assert grids == fresh and grids[16384] != grids[200704], (grids, fresh)
 
 
 def test_qwen_demo_budget_rounding(qwen, tmp_path):

@@ -74,6 +74,10 @@ def load(model_dir: Path, arch: archs.Arch, *, device: str, dtype: str, base: Pa
         # manifest (imatch train seals it): one without was altered, unless asked to read an old tree
         trained = (Path(folder) / "training.json").is_file()
         integrity.verify(folder, required=trained and not allow_unsealed)
+    if arch.name == "qwen2_5_vl":
+        from imatch.archs.qwen2_5_vl import fresh_image_budget
+
+        fresh_image_budget()
     model, processor = get_model_processor(str(source), model_type=arch.swift_model_type, torch_dtype=torch_dtype,
                                            device_map=device, download_model=False, use_hf=True, attn_impl="sdpa")
     if adapter:
