@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import shutil
 import sys
@@ -74,13 +73,12 @@ def _environment_restored():
     if os.environ != saved:
         os.environ.clear()
         os.environ.update(saved)
-    # ms-swift copies MAX_PIXELS & co. into qwen_vl_utils' module globals at the first Qwen2.5-VL
-    # load of a process and never again (`patch_qwen_vl_utils`, latched by `_patch`): undone, so the
-    # next test loads with its own budget, as a fresh process (a workflow job) does
-    vision = sys.modules.get("qwen_vl_utils.vision_process")
-    if vision is not None and hasattr(vision, "_patch"):
-        del vision._patch
-        importlib.reload(vision)
+    # ms-swift copies MAX_PIXELS & co. into qwen_vl_utils at the first Qwen2.5-VL load of a process:
+    # undone, so the next test loads with its own budget, as a fresh process (a workflow job) does
+    if "qwen_vl_utils.vision_process" in sys.modules:  # (torch is loaded then: no start-up cost)
+        from imatch.archs.qwen2_5_vl import forget_image_budget
+
+        forget_image_budget()
 
 
 @pytest.fixture

@@ -135,21 +135,28 @@ ARCH = Arch(
 )
 
 
+def forget_image_budget() -> None:
+    """Undo ms-swift's once-per-process copy of the image budget into qwen_vl_utils' globals
+    (`patch_qwen_vl_utils`, latched by `_patch`): their defaults come back and ms-swift patches
+    them again from the environment at the next Qwen2.5-VL load."""
+    import importlib
+    import sys
+
+    vision = sys.modules.get("qwen_vl_utils.vision_process")
+    if vision is not None and hasattr(vision, "_patch"):
+        del vision._patch
+        importlib.reload(vision)
+
+
 def fresh_image_budget() -> None:
     """Make the next Qwen2.5-VL load of this process read the image budget that MAX_PIXELS holds
     now. ms-swift derives IMAGE_MAX_TOKEN_NUM from MAX_PIXELS only when it is unset and copies it
-    into qwen_vl_utils' globals at the first load of a process, never again (`patch_qwen_vl_utils`,
-    latched by `_patch`): a second model loaded in the same process with another budget (a Scorer
-    of two bundles, a notebook) encoded its images with the first one's, silently."""
-    import importlib
+    into qwen_vl_utils' globals at the first load of a process, never again: a second model loaded
+    in the same process with another budget (a Scorer of two bundles, a notebook) encoded its
+    images with the first one's, silently."""
     import os
-    import sys
 
     pixels = os.environ.get("MAX_PIXELS")
     if pixels:  # what ms-swift's compat_qwen_vl_utils derives in a fresh process (14 px patches, 2x2 merge)
         os.environ["IMAGE_MAX_TOKEN_NUM"] = str(int(pixels) // (14 * 2) ** 2)
-    vision = sys.modules.get("qwen_vl_utils.vision_process")
-    if vision is not None and hasattr(vision, "_patch"):
-        del vision._patch
-        importlib.reload(vision)  # its defaults back; ms-swift patches it again from the environment
-
+    forget_image_budget()
