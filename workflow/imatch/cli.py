@@ -11,11 +11,11 @@ import threading
 
 from imatch import (__version__, ablation, augment, backbone, baseline, bundle, config_checks, config_docs, cost,
                     demo_data, download, ensemble, evaluate, ingest, instructions, integrity, plots, predict,
-                    pretrain_corpus, provenance, pseudo, reproducibility, score, submission, train)
+                    pretrain_corpus, pretrain_tiny, provenance, pseudo, reproducibility, score, submission, train)
 from imatch.archs import ovis2_convert
 from imatch.errors import InputError
 
-STAGES = [download, integrity, demo_data, pretrain_corpus, ingest, augment, instructions, backbone, ovis2_convert, train, score, ensemble, pseudo,
+STAGES = [download, integrity, demo_data, pretrain_corpus, pretrain_tiny, ingest, augment, instructions, backbone, ovis2_convert, train, score, ensemble, pseudo,
           baseline, submission, evaluate, ablation, plots, predict, bundle, provenance, reproducibility, config_checks, cost,
           config_docs]
 
