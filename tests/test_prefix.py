@@ -213,3 +213,26 @@ def test_swift_sft_trains_packed_rows_like_separate_samples(arch, element_set, b
         assert abs(float(a[0][key]) - float(b[0][key])) < tol * abs(float(b[0][key])), (key, a[0], b[0])
     assert abs(float(a[1]["loss"]) - float(b[1]["loss"])) < 1e-4 * abs(float(b[1]["loss"]))
     assert float(a[1]["loss"]) != float(a[0]["loss"])  # the step changed the model
+
+
+@pytest.mark.parametrize("asked", [False, True])
+def test_the_packed_training_process_keeps_cudnn_attention_out_unless_asked(asked):
+    """ms-swift imports the plug-in into the `swift sft` process; there it switches cuDNN's sdpa
+    kernel off (its per-shape plans made a packed H200 step 2.09x the per-query rate instead of
+    2.79x, docs/performance.md), and the scoring path runs its forward without it;
+    IMATCH_CUDNN_SDPA=1 (the benchmark's other arm) keeps it."""
+    import subprocess
+    import sys
+
+    from torch.nn.attention import SDPBackend
+
+    env = {k: v for k, v in os.environ.items() if k != prefix.CUDNN_ENV} | ({prefix.CUDNN_ENV: "1"} if asked else {})
+    code = ("import torch; from swift.utils import import_external_file; "
+            f"import_external_file({prefix.__file__!r}); print(torch.backends.cuda.cudnn_sdp_enabled())")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split()[-1] == str(asked)
+    os.environ.pop(prefix.CUDNN_ENV, None)
+    if asked:
+        os.environ[prefix.CUDNN_ENV] = "1"
+    assert (SDPBackend.CUDNN_ATTENTION in prefix.sdpa_backends()) is asked
+    assert SDPBackend.EFFICIENT_ATTENTION in prefix.sdpa_backends()  # the kernel that takes a boolean mask

@@ -27,6 +27,7 @@ moved to the end, so the logits are taken there only).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,20 @@ TREE = "imatch_tree"  # per packed row: segment, branch and logical index of eve
 TOKEN_KEYS = ("input_ids", "labels", "loss_scale", "mm_token_type_ids")  # one value per token
 IMAGE_KEYS = ("pixel_values", "image_grid_thw")  # concatenated over the images of a row
 FLASH_KEYS = ("text_position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+CUDNN_ENV = "IMATCH_CUDNN_SDPA"  # "1": let sdpa pick cuDNN's attention for the tree masks (the benchmark's A/B)
+
+
+def sdpa_backends() -> list:
+    """The sdpa kernels for a packed row's boolean tree mask. Not cuDNN's: it builds an execution
+    plan per shape (~2-3 ms of host time a call, every layer, forward and backward, and every packed
+    batch has a new width), which left the GPU idle ~40 % of a packed training step on an H200;
+    the memory-efficient kernel takes the same mask without that. Same function, another kernel."""
+    from torch.nn.attention import SDPBackend
+
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    if os.environ.get(CUDNN_ENV) == "1":
+        backends.insert(0, SDPBackend.CUDNN_ATTENTION)
+    return backends
 
 
 def _image_key(image) -> str:
@@ -139,19 +154,21 @@ def collate(template, batch: list[dict], *, padding_to: int | None = None, origi
     ids = res["input_ids"]
     rows, width = ids.shape
     left = (template.padding_side if template.is_training else "left") == "left"
-    mask = torch.zeros(rows, 1, width, width, dtype=torch.bool)
+    # numpy, not torch: torch's broadcast comparisons on the CPU took ~45 ms a 775-token row (numpy
+    # ~1 ms), and scoring collates in the main process, where that starved the GPU
+    mask = np.zeros((rows, 1, width, width), dtype=bool)
     placed = []
     for r, (seg, branch, logical) in enumerate(trees):
         n = len(seg)
         off = width - n if left else 0
-        seg_t, br_t, lg_t = (torch.tensor(x) for x in (seg, branch, logical))
-        allowed = ((seg_t[:, None] == seg_t[None, :]) & ((br_t[None, :] == 0) | (br_t[None, :] == br_t[:, None]))
-                   & (lg_t[None, :] <= lg_t[:, None]))
+        seg_a, br_a, lg_a = (np.asarray(x, dtype=np.int64) for x in (seg, branch, logical))
+        allowed = ((seg_a[:, None] == seg_a[None, :]) & ((br_a[None, :] == 0) | (br_a[None, :] == br_a[:, None]))
+                   & (lg_a[None, :] <= lg_a[:, None]))
         mask[r, 0, off:off + n, off:off + n] = allowed
-        pads = [*range(off), *range(off + n, width)]
+        pads = np.r_[0:off, off + n:width]
         mask[r, 0, pads, pads] = True  # pads see themselves: no NaN rows
         placed.append((off, seg, branch, logical))
-    res["attention_mask"] = mask
+    res["attention_mask"] = torch.from_numpy(mask)
     res["position_ids"] = _positions(template, res, placed, rows, width)
     return res
 
@@ -264,6 +281,11 @@ def install() -> None:
 
     if getattr(Template, "_imatch_prefix", False):
         return
+    import torch
+    from torch.nn.attention import SDPBackend
+
+    if SDPBackend.CUDNN_ATTENTION not in sdpa_backends():  # this process trains packed rows (see sdpa_backends)
+        torch.backends.cuda.enable_cudnn_sdp(False)
     if sys.platform.startswith("linux"):
         # dataloader workers must inherit these methods: a spawned or forkserver worker imports
         # ms-swift afresh and would encode a packed row as a multi-turn chat, silently

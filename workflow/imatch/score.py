@@ -251,6 +251,7 @@ def _shared_answer_logits(model, template, images, queries, answer_ids, *, batch
     """`answer_logits` with prefix sharing: one packed row per image, `batch_size` rows (images) a
     batch; the logits of each row's last positions are its answers."""
     import torch
+    from torch.nn.attention import sdpa_kernel
     from torch.utils.data import DataLoader
 
     from imatch import prefix
@@ -284,7 +285,8 @@ def _shared_answer_logits(model, template, images, queries, answer_ids, *, batch
                 gaps.mark()
             collated = prefix.collate(template, rows)
             _, kwargs = template.pre_forward_hook(model, None, _to_device(collated, device))
-            logits = model(**kwargs, **({"logits_to_keep": width} if keep_ok else {})).logits[:, -width:, :]
+            with sdpa_kernel(prefix.sdpa_backends()):
+                logits = model(**kwargs, **({"logits_to_keep": width} if keep_ok else {})).logits[:, -width:, :]
             picked = logits[:, :, ids].float()
             done.append((batch, width, torch.softmax(picked, dim=-1) if softmax else picked))  # no sync per batch
             if gaps is not None:
