@@ -243,7 +243,7 @@ def bench_element_scoring(arch, folder, table, args, device, report) -> None:
     largest difference of any answer probability (bf16 rounding)."""
     import torch
 
-    from imatch import score
+    from imatch import prefix, score
 
     model, processor, template = score.load(folder, arch, device=device, dtype=args.dtype,
                                             max_pixels=args.train_image ** 2)
@@ -256,7 +256,12 @@ def bench_element_scoring(arch, folder, table, args, device, report) -> None:
             print(f"compiled {score.compile_layers(model)} blocks", flush=True)
             compiled = True
         probs = {}
-        for share, batch in ((False, args.element_batch), (True, args.element_image_batch)):
+        # the shared-prefix path twice: its own attention kernels, and with cuDNN's allowed (prefix.sdpa_backends)
+        for share, batch, cudnn in ((False, args.element_batch, False), (True, args.element_image_batch, False),
+                                    (True, args.element_image_batch, True)):
+            os.environ.pop(prefix.CUDNN_ENV, None)
+            if cudnn:
+                os.environ[prefix.CUDNN_ENV] = "1"
             run = lambda n=None: score.score_probs(model, template, images[:n], queries[:n], answer_ids,  # noqa: E731
                                                    batch_size=batch, workers=args.workers, share_prefix=share)
             run(int(3 * batch * (per_image if share else 1)))  # warm-up (and compilation)
@@ -264,10 +269,19 @@ def bench_element_scoring(arch, folder, table, args, device, report) -> None:
             gaps = score.GpuGaps(device)
             p, seconds = timed(lambda: score.score_probs(model, template, images, queries, answer_ids, batch_size=batch,
                                                          workers=args.workers, share_prefix=share, gaps=gaps), device)
-            probs[share] = p
+            os.environ.pop(prefix.CUDNN_ENV, None)
+            if cudnn:
+                probs["cudnn"] = p
+            else:
+                probs[share] = p
+            if args.profile and not cudnn:  # one batch's worth of queries (with shared prefixes: `batch` images)
+                n = int(batch * (per_image if share else 1))
+                profile(model, template, images[:n], queries[:n], answer_ids, n if not share else batch, device,
+                        args.out / f"profile-{arch.name}-element-{'shared' if share else 'per-query'}.txt",
+                        share_prefix=share)
             row = {"arch": arch.name, "stage": "element-score", "path": "shared prefix" if share else "per query",
                    "variant": ("score-set --share-prefix (batch = images)" if share else "score-set")
-                   + (" --compile" if use_compile else ""),
+                   + (" --compile" if use_compile else "") + (f" {prefix.CUDNN_ENV}=1" if cudnn else ""),
                    "image": args.train_image, "batch": batch, "items": len(queries), "seconds": round(seconds, 3),
                    "per_second": len(queries) / seconds, "peak_memory_gib": _peak_memory(device),
                    "gpu_idle_fraction": gaps.summary()["idle_fraction"], "elements_per_image": round(per_image, 2)}
@@ -276,12 +290,14 @@ def bench_element_scoring(arch, folder, table, args, device, report) -> None:
                             and r["variant"].endswith("--compile") == use_compile)
                 row["speedup"] = row["per_second"] / base["per_second"]
                 row["max_abs_prob_diff"] = float(np.abs(p - probs[False]).max())
+                if cudnn:
+                    row["max_abs_prob_diff_vs_default"] = float(np.abs(p - probs[True]).max())
             report(row)
     del model
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
-def profile(model, template, images, queries, answer_ids, batch, device, path: Path) -> None:
+def profile(model, template, images, queries, answer_ids, batch, device, path: Path, *, share_prefix=False) -> None:
     """Where a scoring batch's time goes: torch.profiler's table of the heaviest operations (by
     device time and by host time) and a Chrome trace (gzip) of one batch."""
     import gzip
@@ -294,7 +310,8 @@ def profile(model, template, images, queries, answer_ids, batch, device, path: P
     cuda = torch.device(device).type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with torch_profile(activities=activities) as prof:
-        score.score_probs(model, template, images[:batch], queries[:batch], answer_ids, batch_size=batch)
+        score.score_probs(model, template, images[:batch], queries[:batch], answer_ids, batch_size=batch,
+                          share_prefix=share_prefix)
     tables = [prof.key_averages().table(sort_by=key, row_limit=25)
               for key in (["self_cuda_time_total"] if cuda else []) + ["cpu_time_total", "self_cpu_time_total"]]
     with atomic_path(path) as tmp:
@@ -449,13 +466,28 @@ def workflow_training(arch, folder, jsonl, naive, args, work, variant: dict) -> 
         cmd.append("--share-prefix")
     if variant.get("liger"):
         cmd.append("--liger")
+    if variant.get("profile"):  # torch.profiler over these measured steps, beside the step times
+        first, last = (warm + int(x) for x in str(variant["profile"]).split("-"))
+        cmd += ["--profile-steps", f"{first}-{last}"]
     accum = variant.get("accum", 1)
     cmd += ["--grad-accum", accum]
     if args.device == "cpu":
         cmd += ["--tuner", "full"]  # tiny random models: the CPU recipe
     start = time.time()
-    imatch_cli(*cmd, quiet=False)
+    from imatch import prefix
+
+    os.environ.pop(prefix.CUDNN_ENV, None)  # packed rows: cuDNN attention only when the variant asks for it
+    if variant.get("cudnn"):
+        os.environ[prefix.CUDNN_ENV] = "1"
+    try:
+        imatch_cli(*cmd, quiet=False)
+    finally:
+        os.environ.pop(prefix.CUDNN_ENV, None)
     lines = [json.loads(x) for x in times.read_text().splitlines()]
+    profiled = Path(str(times) + ".profile.txt")
+    if variant.get("profile") and profiled.exists():
+        args.out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(profiled, args.out / f"profile-train-{arch.name}-{name}.txt")
     steps = [x for x in lines if "step" in x][warm:]
     memory = next((x["peak_memory_gib"] for x in lines if "peak_memory_gib" in x), None)
     compute = sum(x["step_seconds"] for x in steps)
@@ -624,7 +656,8 @@ def parser() -> argparse.ArgumentParser:
                    help="element-score: images per batch with shared prefixes")
     p.add_argument("--workers", type=int, default=4, help="data workers of the workflow's paths")
     p.add_argument("--compile", action="store_true", help="also score with every transformer block torch.compile'd")
-    p.add_argument("--profile", action="store_true", help="also write torch.profiler tables of the workflow's scoring")
+    p.add_argument("--profile", action="store_true", help="also write torch.profiler tables of the workflow's scoring (and element scoring); a training "
+                        "variant profiles its steps with \"profile\": \"FIRST-LAST\" (measured steps, 1-based)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--work", type=Path, default=Path("bench-work"), help="backbones and query sets (reused)")

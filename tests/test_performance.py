@@ -154,18 +154,23 @@ def test_bench_element_stages_compare_shared_prefixes_with_per_query_work(tmp_pa
            "--stages", "element-score", "element-train", "--score-batches", "56:4", "--prompts", "3",
            "--train-image", "56", "--element-queries", "24", "--element-batch", "8", "--element-image-batch", "2",
            "--train-batch", "2", "--train-steps", "2", "--workers", "0",
-           "--train-variants", '{"share": false, "accum": 2}', '{"share": true, "accum": 2}',
+           "--train-variants", '{"share": false, "accum": 2}', '{"share": true, "accum": 2, "profile": "2-2"}',
            "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"))
     rows = json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
-    score = {r["path"]: r for r in rows if r["stage"] == "element-score"}
-    assert set(score) == {"per query", "shared prefix"} and score["per query"]["items"] == 24
-    assert score["shared prefix"]["max_abs_prob_diff"] < 1e-5
-    assert score["shared prefix"]["speedup"] == pytest.approx(score["shared prefix"]["per_second"]
-                                                             / score["per query"]["per_second"])
+    score = {(r["path"], "CUDNN" in r["variant"]): r for r in rows if r["stage"] == "element-score"}
+    assert set(score) == {("per query", False), ("shared prefix", False), ("shared prefix", True)}
+    assert score["per query", False]["items"] == 24
+    for cudnn in (False, True):  # the shared path with its own attention kernels and with cuDNN's allowed
+        shared = score["shared prefix", cudnn]
+        assert shared["max_abs_prob_diff"] < 1e-5
+        assert shared["speedup"] == pytest.approx(shared["per_second"] / score["per query", False]["per_second"])
     train = [r for r in rows if r["stage"] == "element-train"]
     assert [("share=True" in r["variant"]) for r in train] == [False, True]
     assert all(r["items"] == 2 * 2 * 2 for r in train)  # steps x batch x accumulation, warm-up excluded
     assert train[1]["speedup"] == pytest.approx(train[1]["per_second"] / train[0]["per_second"])
+    # the profiled variant: torch.profiler over its 2nd measured step (optimizer step 3 warm-up + 2 = 5)
+    table = (tmp_path / "out" / "profile-train-internvl-shareTrue-accum2-profile2-2.txt").read_text()
+    assert table.startswith("steps 5-5") and "aten::mm" in table and "Self CPU time total" in table
 
 
 def test_bench_budget_counts_the_tiles_each_choice_makes(tmp_path):

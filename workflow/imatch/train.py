@@ -161,6 +161,8 @@ def swift_environment(args, arch: archs.Arch, scratch: Path) -> dict:
         env["NPROC_PER_NODE"] = str(args.gpus)
     if args.step_times:
         env["IMATCH_STEP_TIMES"] = str(Path(args.step_times).resolve())
+        if getattr(args, "profile_steps", None):
+            env["IMATCH_PROFILE_STEPS"] = args.profile_steps
     if args.threads:  # torch's CPU threads in the swift process: the cores this job was given
         env["OMP_NUM_THREADS"] = str(args.threads)
     if uses_gpu_memory_plugin(args):
@@ -290,6 +292,8 @@ def check_placement(args) -> None:
 def train(args) -> dict:
     arch = archs.get(args.arch)
     check_placement(args)
+    if getattr(args, "profile_steps", None) and not args.step_times:
+        raise SystemExit("--profile-steps needs --step-times (the profile is written beside the timings)")
     gpu_line = check_gpus(args.gpus)
     if getattr(args, "split_layers", False) and args.gpus < 2:
         print(f"--split-layers with {args.gpus} GPU(s): nothing to split, one process as without it")
@@ -441,6 +445,9 @@ def add_parser(subparsers) -> None:
                         "--split-layers plan the split for cards of GIB GiB (swift's --max_memory); "
                         "0: no cap. Each GPU's peak memory goes to training.json")
     p.add_argument("--step-times", type=Path, help="append per-step compute / data-wait seconds here (JSON lines)")
+    p.add_argument("--profile-steps", metavar="FIRST-LAST", type=_step_span,
+                   help="with --step-times: torch.profiler over these optimizer steps (1-based), its tables written "
+                        "to <step-times>.profile.txt")
     p.add_argument("--keep-scratch", action="store_true",
                    help="keep the working checkpoints after the output is written (default: removed)")
     p.add_argument("--max-tiles", type=int, default=None,
@@ -448,6 +455,13 @@ def add_parser(subparsers) -> None:
                         "not for Qwen2.5-VL, whose budget is --max-pixels alone")
     add_recipe_arguments(p)
     p.set_defaults(func=_run)
+
+
+def _step_span(text: str) -> str:
+    m = re.fullmatch(r"(\d+)-(\d+)", text)
+    if not m or not 1 <= int(m[1]) <= int(m[2]):
+        raise argparse.ArgumentTypeError(f"expected FIRST-LAST optimizer steps (1-based), got {text!r}")
+    return text
 
 
 def _run(args) -> int:
