@@ -73,14 +73,24 @@ def test_the_committed_h200_rates_are_the_committed_benchmarks():
              "2026-11-30-h200-prefix/internvl.json", "2026-11-30-h200-prefix/ovis2.json",
              "2026-11-30-h200-prefix/internvl-no-ckpt.json", "2026-11-30-h200-prefix/ovis2-no-ckpt.json",
              "2026-11-30-h200-ovis2-34b/one-gpu-nocap.json", "2026-11-30-h200-ovis2-34b/one-gpu-cap79.json",
-             "2026-11-30-h200-element-score/internvl.json", "2026-11-30-h200-element-score/ovis2.json"]
+             "2026-11-30-h200-element-score/internvl.json", "2026-11-30-h200-element-score/ovis2.json",
+             "2026-11-30-h200-prefix-kernels/qwen2_5_vl-element-train.json",
+             "2026-11-30-h200-prefix-kernels/internvl-element-train.json",
+             "2026-11-30-h200-prefix-kernels/ovis2-element-train.json",
+             "2026-11-30-h200-prefix-kernels/internvl-element-score.json",
+             "2026-11-30-h200-prefix-kernels/ovis2-element-score.json"]
     assert set(sources) <= set(order)
     assert cost.rates_from_bench([REPO / "benchmarks" / "results" / f for f in order]) == committed
     assert all(f.is_file() for f in files)
     # Ovis2-34B measured on one GPU capped at 79 GiB (an 80 GB card): its own rate, not 34/8 of the 8B's
     assert committed["archs"]["ovis2"]["by_size"]["34"]["train_ckpt"]["per_second"] == 3.035
-    qwen = committed["archs"]["qwen2_5_vl"]
-    assert qwen["train_shared"]["per_second"] > 1.8 * qwen["train"]["per_second"]
+    # element training with shared prefixes >= 2.5x the per-query path of the same run (issue 17), for the
+    # workflow's own kernels: the cuDNN-attention arm measured beside it (23.5 /s) is no rate of a config
+    for arch in ("qwen2_5_vl", "internvl", "ovis2"):
+        rates = committed["archs"][arch]
+        shared, base = rates["train_shared"], rates["train" if arch == "qwen2_5_vl" else "train_ckpt"]
+        assert shared["source"] == base["source"] and shared["per_second"] >= 2.5 * base["per_second"]
+        assert not any(switch in shared["variant"] for switch in cost.NOT_THE_WORKFLOW)
 
 
 def test_the_gpu_check_config_plans_the_real_fast_paths(tmp_path, imatch):

@@ -58,10 +58,16 @@ def rates_from_bench(paths: list[Path]) -> dict:
     return {"gpu": gpu, "archs": archs}
 
 
+# variants a benchmark measures beside the workflow's own path, which no config runs: no rate
+NOT_THE_WORKFLOW = ("cudnn=True", "IMATCH_CUDNN_SDPA=1", "liger=True", "profile=")
+
+
 def _rate_key(row: dict) -> str | None:
     """train / train_shared (+ `_ckpt` with gradient checkpointing, `imatch train`'s default),
     score / score_shared."""
     stage, path, variant = row.get("stage"), row.get("path", ""), row.get("variant") or ""
+    if any(switch in variant for switch in NOT_THE_WORKFLOW):
+        return None
     ckpt = "" if "ckpt=False" in variant else "_ckpt"
     if stage == "element-train":
         return ("train_shared" if "share=True" in variant else "train") + ckpt
