@@ -476,9 +476,9 @@ def workflow_training(arch, folder, jsonl, naive, args, work, variant: dict) -> 
     start = time.time()
     from imatch import prefix
 
-    os.environ.pop(prefix.CUDNN_ENV, None)  # packed rows: cuDNN attention only when the variant asks for it
-    if variant.get("cudnn"):
-        os.environ[prefix.CUDNN_ENV] = "1"
+    os.environ.pop(prefix.CUDNN_ENV, None)  # "cudnn": true / false, cuDNN attention allowed everywhere / nowhere
+    if variant.get("cudnn") is not None:
+        os.environ[prefix.CUDNN_ENV] = "1" if variant["cudnn"] else "0"
     try:
         imatch_cli(*cmd, quiet=False)
     finally:

@@ -220,17 +220,24 @@ def test_the_packed_training_process_keeps_cudnn_attention_out_unless_asked(aske
     """ms-swift imports the plug-in into the `swift sft` process; there it switches cuDNN's sdpa
     kernel off (its per-shape plans made a packed H200 step 2.09x the per-query rate instead of
     2.79x, docs/performance.md), and the scoring path runs its forward without it;
-    IMATCH_CUDNN_SDPA=1 (the benchmark's other arm) keeps it."""
+    IMATCH_CUDNN_SDPA=1 (the benchmark's other arm) keeps it. The vision-attention plug-in, loaded
+    by every training, leaves sdpa's choice alone unless IMATCH_CUDNN_SDPA=0."""
     import subprocess
     import sys
 
     from torch.nn.attention import SDPBackend
 
-    env = {k: v for k, v in os.environ.items() if k != prefix.CUDNN_ENV} | ({prefix.CUDNN_ENV: "1"} if asked else {})
-    code = ("import torch; from swift.utils import import_external_file; "
-            f"import_external_file({prefix.__file__!r}); print(torch.backends.cuda.cudnn_sdp_enabled())")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.split()[-1] == str(asked)
+    from imatch import attention
+
+    def cudnn_after_importing(plugin, value):
+        env = {k: v for k, v in os.environ.items() if k != prefix.CUDNN_ENV} | ({prefix.CUDNN_ENV: value} if value else {})
+        code = ("import torch; from swift.utils import import_external_file; "
+                f"import_external_file({plugin!r}); print(torch.backends.cuda.cudnn_sdp_enabled())")
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+        return out.split()[-1] == "True"
+
+    assert cudnn_after_importing(prefix.__file__, "1" if asked else None) is asked
+    assert cudnn_after_importing(attention.__file__, None if asked else "0") is asked
     os.environ.pop(prefix.CUDNN_ENV, None)
     if asked:
         os.environ[prefix.CUDNN_ENV] = "1"

@@ -134,5 +134,18 @@ def register_with_swift() -> None:
     callbacks_map[NAME] = _swift_callback
 
 
+def cudnn_sdpa_off_if_asked() -> None:
+    """IMATCH_CUDNN_SDPA=0 (a benchmark arm, imatch.prefix.CUDNN_ENV): no cuDNN attention in this
+    training process, padded per-query batches included (packed rows never use it, see
+    `imatch.prefix.sdpa_backends`); unset, sdpa picks its kernel as it would."""
+    import os
+
+    if os.environ.get("IMATCH_CUDNN_SDPA") == "0":
+        import torch
+
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 if __name__ != "imatch.attention":  # imported by `swift sft --external_plugins <this file>`
     register_with_swift()
+    cudnn_sdpa_off_if_asked()

@@ -59,7 +59,7 @@ def rates_from_bench(paths: list[Path]) -> dict:
 
 
 # variants a benchmark measures beside the workflow's own path, which no config runs: no rate
-NOT_THE_WORKFLOW = ("cudnn=True", "IMATCH_CUDNN_SDPA=1", "liger=True", "profile=")
+NOT_THE_WORKFLOW = ("cudnn=", "IMATCH_CUDNN_SDPA=", "liger=True", "profile=")
 
 
 def _rate_key(row: dict) -> str | None:

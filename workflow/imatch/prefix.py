@@ -36,7 +36,9 @@ TREE = "imatch_tree"  # per packed row: segment, branch and logical index of eve
 TOKEN_KEYS = ("input_ids", "labels", "loss_scale", "mm_token_type_ids")  # one value per token
 IMAGE_KEYS = ("pixel_values", "image_grid_thw")  # concatenated over the images of a row
 FLASH_KEYS = ("text_position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
-CUDNN_ENV = "IMATCH_CUDNN_SDPA"  # "1": let sdpa pick cuDNN's attention for the tree masks (the benchmark's A/B)
+# benchmark arms: "1" lets sdpa pick cuDNN's attention for the tree masks too, "0" keeps it out of
+# per-query training as well (imatch.attention); unset: packed rows without it, the rest as sdpa picks
+CUDNN_ENV = "IMATCH_CUDNN_SDPA"
 
 
 def sdpa_backends() -> list:
