@@ -222,7 +222,8 @@ def bench_scoring(arch, folder, sets, args, device, dtype, peak, report) -> None
         for batch in args.batch_sizes[size]:
             report(workflow_row("workflow", size, batch, images, queries))
         if args.profile:
-            profile(model, template, images, queries, answer_ids, max(args.batch_sizes[size]), device,
+            b = max(args.batch_sizes[size])
+            profile(model, template, images[:b], queries[:b], answer_ids, b, device,
                     args.out / f"profile-{arch.name}-{size}.txt")
     if args.compile:  # the same path with every transformer block compiled
         print(f"compiled {score.compile_layers(model)} blocks", flush=True)
@@ -231,7 +232,7 @@ def bench_scoring(arch, folder, sets, args, device, dtype, peak, report) -> None
             batch = max(args.batch_sizes[size])
             report(workflow_row("workflow+compile", size, batch, images, queries))
             if args.profile:
-                profile(model, template, images, queries, answer_ids, batch, device,
+                profile(model, template, images[:batch], queries[:batch], answer_ids, batch, device,
                         args.out / f"profile-{arch.name}-{size}-compiled.txt")
     del model
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -274,11 +275,11 @@ def bench_element_scoring(arch, folder, table, args, device, report) -> None:
                 probs["cudnn"] = p
             else:
                 probs[share] = p
-            if args.profile and not cudnn:  # one batch's worth of queries (with shared prefixes: `batch` images)
-                n = int(batch * (per_image if share else 1))
-                profile(model, template, images[:n], queries[:n], answer_ids, n if not share else batch, device,
+            if args.profile and not cudnn:  # three batches' worth of queries (shared prefixes: 3 x `batch` images)
+                n = int(3 * batch * (per_image if share else 1))
+                profile(model, template, images[:n], queries[:n], answer_ids, batch, device,
                         args.out / f"profile-{arch.name}-element-{'shared' if share else 'per-query'}.txt",
-                        share_prefix=share)
+                        share_prefix=share, workers=args.workers)
             row = {"arch": arch.name, "stage": "element-score", "path": "shared prefix" if share else "per query",
                    "variant": ("score-set --share-prefix (batch = images)" if share else "score-set")
                    + (" --compile" if use_compile else "") + (f" {prefix.CUDNN_ENV}=1" if cudnn else ""),
@@ -297,9 +298,12 @@ def bench_element_scoring(arch, folder, table, args, device, report) -> None:
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
-def profile(model, template, images, queries, answer_ids, batch, device, path: Path, *, share_prefix=False) -> None:
-    """Where a scoring batch's time goes: torch.profiler's table of the heaviest operations (by
-    device time and by host time) and a Chrome trace (gzip) of one batch."""
+def profile(model, template, images, queries, answer_ids, batch, device, path: Path, *, share_prefix=False,
+            workers=0) -> None:
+    """Where scoring time goes: torch.profiler's table of the heaviest operations (by device time
+    and by host time) and a Chrome trace (gzip) of scoring all `queries` in batches of `batch`
+    (queries, or images with `share_prefix`); `workers`: encoding in worker processes as the
+    workflow does (0: on the main thread, where the profile sees it)."""
     import gzip
 
     import torch
@@ -310,8 +314,8 @@ def profile(model, template, images, queries, answer_ids, batch, device, path: P
     cuda = torch.device(device).type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with torch_profile(activities=activities) as prof:
-        score.score_probs(model, template, images[:batch], queries[:batch], answer_ids, batch_size=batch,
-                          share_prefix=share_prefix)
+        score.score_probs(model, template, images, queries, answer_ids, batch_size=batch,
+                          share_prefix=share_prefix, workers=workers)
     tables = [prof.key_averages().table(sort_by=key, row_limit=25)
               for key in (["self_cuda_time_total"] if cuda else []) + ["cpu_time_total", "self_cpu_time_total"]]
     with atomic_path(path) as tmp:
