@@ -112,7 +112,8 @@ def test_qwen_fillers_stay_zero_and_the_packed_file_loads_as_trained(corpus, tmp
 def test_bad_corpus_and_type_are_named(tmp_path, corpus, capsys):
     assert cli.main(["pretrain-tiny", "--arch", "internvl", "--corpus", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "not a pretraining corpus" in capsys.readouterr().err
-    assert cli.main(["pretrain-tiny", "--arch", "internvl", "--corpus", str(corpus), "--out", str(tmp_path / "o"),
-                     "--types", "colours"]) == 2
-    assert "no question type ['colours']" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["pretrain-tiny", "--arch", "internvl", "--corpus", str(corpus), "--out", str(tmp_path / "o"),
+                  "--types", "colours"])
+    assert exc.value.code == 2 and "invalid choice: 'colours'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
