@@ -189,6 +189,30 @@ def test_bench_budget_counts_the_tiles_each_choice_makes(tmp_path):
     assert rows[("12", "1024x768")]["tokens"] - rows[("1", "1024x768")]["tokens"] == 12 * 64
 
 
+def test_profile_steps_need_a_timings_file_and_a_step_range(tmp_path):
+    """`imatch train --profile-steps` writes beside --step-times, so it is refused without it
+    (before anything loads); the range is 1-based and ordered."""
+    import argparse
+
+    from imatch import train
+
+    def parse(*extra):
+        p = argparse.ArgumentParser()
+        train.add_parser(p.add_subparsers())
+        return p.parse_args(["train", "--arch", "internvl", "--model", str(tmp_path), "--dataset",
+                             str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"), "--scratch", str(tmp_path / "s"),
+                             *extra])
+
+    with pytest.raises(SystemExit, match="--profile-steps needs --step-times"):
+        train.train(parse("--profile-steps", "1-2"))
+    for bad in ("2-1", "0-3", "3"):
+        with pytest.raises(SystemExit):  # argparse's error for the type
+            parse("--profile-steps", bad)
+    args = parse("--profile-steps", "4-5", "--step-times", str(tmp_path / "t.jsonl"))
+    env = train.swift_environment(args, archs.get("internvl"), tmp_path / "s")
+    assert env["IMATCH_PROFILE_STEPS"] == "4-5" and env["IMATCH_STEP_TIMES"] == str(tmp_path / "t.jsonl")
+
+
 def test_liger_flag_reaches_swift_sft_as_its_own_argument(tmp_path):
     """`imatch train --liger` must turn on ms-swift's (transformers') liger switch, read by swift's
     own argument parser, not a flag of ours that swift ignores; without it the switch stays off."""
