@@ -73,7 +73,6 @@ question rows, held out: all 2174 questions of seed 2; accuracy / majority / sam
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
