@@ -140,7 +140,9 @@ def cudnn_sdpa_off_if_asked() -> None:
     `imatch.prefix.sdpa_backends`); unset, sdpa picks its kernel as it would."""
     import os
 
-    if os.environ.get("IMATCH_CUDNN_SDPA") == "0":
+    from imatch.prefix import CUDNN_ENV
+
+    if os.environ.get(CUDNN_ENV) == "0":
         import torch
 
         torch.backends.cuda.enable_cudnn_sdp(False)

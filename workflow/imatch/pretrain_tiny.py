@@ -77,12 +77,11 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 import zipfile
 from pathlib import Path
 
-from imatch import archs, integrity, swift_log
+from imatch import archs, integrity, swift_log, train
 from imatch.atomic import atomic_path, write_json
 from imatch.download import MANIFEST
 from imatch.errors import InputError
@@ -117,28 +116,27 @@ def zero_fillers(model, rows: tuple[int, int]) -> None:
     import torch
 
     with torch.no_grad():
-        input_embedding(model)[rows[0]:rows[1]].zero_()
-        out = model.get_output_embeddings()
-        if out is not None and out.weight is not input_embedding(model):
-            out.weight[rows[0]:rows[1]].zero_()
+        for weight in embedding_weights(model):
+            weight[rows[0]:rows[1]].zero_()
 
 
-def fillers_are_zero(model, rows: tuple[int, int]) -> bool:
+def embedding_weights(model) -> list:
+    """The input embedding, and the output embedding where it is not tied to it."""
     weights = [input_embedding(model)]
     out = model.get_output_embeddings()
     if out is not None and out.weight is not weights[0]:
         weights.append(out.weight)
-    return all(not w[rows[0]:rows[1]].detach().any() for w in weights)
+    return weights
+
+
+def fillers_are_zero(model, rows: tuple[int, int]) -> bool:
+    return all(not w[rows[0]:rows[1]].detach().any() for w in embedding_weights(model))
 
 
 def keep_fillers_at_zero(model, rows: tuple[int, int]) -> list:
     """Zero the filler rows' gradient of the input (and an untied output) embedding."""
-    weights = [input_embedding(model)]
-    out = model.get_output_embeddings()
-    if out is not None and out.weight is not weights[0]:
-        weights.append(out.weight)
     handles = []
-    for weight in weights:
+    for weight in embedding_weights(model):
         def hook(grad, start=rows[0], stop=rows[1]):
             grad = grad.clone()
             grad[start:stop] = 0
@@ -232,11 +230,7 @@ def _table(corpus: Path):
 def swift_command(args, arch: archs.Arch, model: Path, dataset: Path, output_dir: Path) -> list[str]:
     plugins = [swift_log.__file__, *([arch.plugin] if arch.plugin else []), __file__]
     return [
-        sys.executable, "-m", "swift.cli.main", "sft",
-        "--model", str(model), "--model_type", arch.swift_model_type, "--template", arch.swift_template,
-        "--check_model", "false", "--dataset", str(dataset), "--split_dataset_ratio", "0", "--strict", "true",
-        "--output_dir", str(output_dir), "--add_version", "false", "--report_to", "none",
-        "--dataloader_num_workers", "0", "--dataset_num_proc", "1",
+        *train.swift_sft(arch, model, [dataset], output_dir, workers=0),
         "--tuner_type", "full", "--freeze_vit", "false", "--freeze_aligner", "false",
         "--learning_rate", str(args.learning_rate), "--weight_decay", str(args.weight_decay),
         "--warmup_ratio", str(args.warmup_ratio), "--lr_scheduler_type", args.lr_scheduler,
@@ -291,7 +285,8 @@ def pretrain(args) -> dict:
         raise SystemExit(f"swift sft finished without {final}")
     if rows is not None and not check.is_file():
         raise SystemExit(f"the filler-row plug-in did not report ({check} missing): were the rows kept at zero?")
-    curve = _loss_curve(train_dir / "logging.jsonl")
+    log = train_dir / "logging.jsonl"
+    curve = train.loss_curve(log) if log.is_file() else []  # the loss per step, as `imatch train` records it
     record = {
         "arch": arch.name, "size": spec_size, "seed": args.seed, "random_weights": False,
         "pretrained_on": {"corpus": str(corpus.resolve()), "corpus_seed": summary.get("seed"),
@@ -347,18 +342,6 @@ def _export(checkpoint: Path, base: Path, out: Path, arch: archs.Arch, rows) -> 
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, out / item.name)
 
 
-def _loss_curve(path: Path) -> list[dict]:
-    out = []
-    if not path.is_file():
-        return out
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
-        if "loss" in row and "global_step/max_steps" in row:
-            out.append({"step": int(str(row["global_step/max_steps"]).split("/")[0]), "loss": float(row["loss"]),
-                        "token_acc": float(row.get("token_acc", "nan"))})
-    return out
-
-
 # ---------------------------------------------------------------- shipping
 
 def pack(backbone: Path, file: Path) -> int:
@@ -391,8 +374,8 @@ def blind_baselines(train_corpus: Path | None, table) -> dict:
     out = {}
     by_question = {}
     if train_corpus is not None:
-        train = _table(train_corpus)
-        by_question = train.groupby("query")["answer"].agg(lambda s: s.value_counts().sort_index().idxmax()).to_dict()
+        train_table = _table(train_corpus)
+        by_question = train_table.groupby("query")["answer"].agg(lambda s: s.value_counts().sort_index().idxmax()).to_dict()
     for t in QUESTION_TYPES:
         part = table[table["type"] == t]
         if part.empty:

@@ -43,6 +43,20 @@ def answers_per_row(args) -> int:
     return args.batch_size * args.grad_accum
 
 
+def swift_sft(arch: archs.Arch, model, datasets, output_dir, *, workers: int) -> list[str]:
+    """The head of every `swift sft` command of ours: the model as its architecture's model type and
+    template, the datasets as given (no split, strict), no versioned output folder, no reporting."""
+    return [
+        # `swift sft` as a module of this Python: works without the console script on PATH, and
+        # ms-swift's launcher starts torchrun itself when NPROC_PER_NODE asks for several GPUs
+        sys.executable, "-m", "swift.cli.main", "sft",
+        "--model", str(model), "--model_type", arch.swift_model_type, "--template", arch.swift_template,
+        "--check_model", "false", "--dataset", *map(str, datasets), "--split_dataset_ratio", "0",
+        "--strict", "true", "--output_dir", str(output_dir), "--add_version", "false",
+        "--report_to", "none", "--dataloader_num_workers", str(workers), "--dataset_num_proc", "1",
+    ]
+
+
 def recipe_flags(args, packed: bool = False) -> list[str]:
     """The `swift sft` flags of the fine-tuning recipe (paper Sec. 4.1 by default). With packed
     rows (`packed`: prefix sharing) one row holds all the answers a device trains on in an
@@ -118,13 +132,7 @@ def swift_command(args, arch: archs.Arch, output_dir: Path, resume: Path | None,
     """`packed`: the packed training set of prefix sharing (`imatch.prefix`), trained instead of
     --dataset, with the plug-in that encodes and masks its rows."""
     cmd = [
-        # `swift sft` as a module of this Python: works without the console script on PATH, and
-        # ms-swift's launcher starts torchrun itself when NPROC_PER_NODE asks for several GPUs
-        sys.executable, "-m", "swift.cli.main", "sft",
-        "--model", str(args.model), "--model_type", arch.swift_model_type, "--template", arch.swift_template,
-        "--check_model", "false", "--dataset", *map(str, [packed] if packed else args.dataset), "--split_dataset_ratio", "0",
-        "--strict", "true", "--output_dir", str(output_dir), "--add_version", "false",
-        "--report_to", "none", "--dataloader_num_workers", str(args.workers), "--dataset_num_proc", "1",
+        *swift_sft(arch, args.model, [packed] if packed else args.dataset, output_dir, workers=args.workers),
         *recipe_flags(args, packed=packed is not None),
         *device_flags(args),
     ]
