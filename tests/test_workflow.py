@@ -496,3 +496,27 @@ def test_a_finished_tree_does_not_hide_config_errors(workflow, tmp_path):
     quoted.write_text(yaml.safe_dump({"backbones": backbones}))
     text = snakemake(wd, "-n", "-p", configs=[small, quoted]).stdout
     assert "--lr-scheduler 'cosine; touch pwned'" in text and "--lr-scheduler cosine; touch" not in text
+
+
+def test_jobs_keep_the_users_pythonpath_behind_the_package(tmp_path):
+    """A user whose packages come from PYTHONPATH (a cluster module, a `pip install --target` folder)
+    runs the workflow with it: the jobs put the checkout's package first and keep the rest. (The
+    rules once replaced PYTHONPATH: on a GPU machine with ms-swift installed that way, every
+    training job failed with "No module named 'swift'".) A sitecustomize.py on that PYTHONPATH
+    records every Python process that sees it."""
+    from wfhelpers import copy_workflow
+
+    workdir, small = copy_workflow(tmp_path / "wf")
+    site = tmp_path / "site"
+    site.mkdir()
+    seen = tmp_path / "seen.txt"
+    (site / "sitecustomize.py").write_text(
+        "import sys\n"
+        f"open({str(seen)!r}, 'a').write(' '.join(sys.orig_argv) + '\\n')\n")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    cmd = snakemake_command(workdir, "--until", "demo_data", "--config", f"results={tmp_path / 'results'}",
+                            configs=[small])
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job = [line for line in seen.read_text().splitlines() if "-m imatch demo-data" in line]
+    assert len(job) == 1, seen.read_text()

@@ -33,14 +33,15 @@ ABLATION = config["ablation"]
 
 # Rules run the package from this checkout: with --sdm conda in the env of envs/imatch.yaml,
 # otherwise with the Python that runs Snakemake (no need to activate the venv).
-# Shell commands call `imatch <command>` exactly as a user would on the command line.
+# Shell commands call `imatch <command>` exactly as a user would on the command line. The package
+# goes before the user's PYTHONPATH, which is kept (a cluster's modules or a --target install).
 _USES_CONDA = "conda" in {
     str(m).lower() for m in workflow.deployment_settings.deployment_method
 }
 _PYTHON = "python" if _USES_CONDA else sys.executable
 # (Snakemake formats the prefix like a shell command, hence the doubled braces.)
 shell.prefix(
-    f"set -euo pipefail; export PYTHONPATH={PACKAGE.parent}; "
+    f"set -euo pipefail; export PYTHONPATH={PACKAGE.parent}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
     f'imatch() {{{{ {_PYTHON} -m imatch "$@"; }}}}; '
 )
 
