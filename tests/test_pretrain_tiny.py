@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from imatch import archs, cli, pretrain_corpus, pretrain_tiny, score
+from imatch import archs, backbone, cli, integrity, pretrain_corpus, pretrain_tiny, score
+from imatch.errors import InputError
 
 SHORT = ["--steps", "3", "--batch-size", "2", "--logging-steps", "1", "--threads", "1", "--max-length", "512"]
 
@@ -32,18 +34,24 @@ def _weights(folder: Path) -> bytes:
 
 
 def _files(folder: Path) -> dict[str, str]:
-    """sha256 of every file but the run record (wall time, paths) and the seal that lists it."""
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
-            if p.is_file() and p.name not in {pretrain_tiny.RECORD, "manifest.json"}}
+    """sha256 of every file, the run record and the seal included."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 def test_the_same_command_writes_the_same_bytes_and_the_weights_move(corpus, tmp_path):
-    outs = []
+    """The file to ship is the same bytes when the command runs again, from another folder, with the
+    corpus elsewhere (the record names no path and no time): what `make` regenerates can be compared
+    with what is shipped."""
+    outs, packs = [], []
     for k in range(2):
-        out = tmp_path / f"run{k}" / "bb"
-        _run(["pretrain-tiny", "--arch", "internvl", "--corpus", str(corpus), "--out", str(out), *SHORT])
+        source = corpus if k == 0 else shutil.copytree(corpus, tmp_path / "elsewhere" / "corpus")
+        out, packed = tmp_path / f"run{k}" / "bb", tmp_path / f"run{k}" / "bb.zip"
+        _run(["pretrain-tiny", "--arch", "internvl", "--corpus", str(source), "--out", str(out), *SHORT,
+              "--pack", str(packed)])
         outs.append(out)
+        packs.append(packed.read_bytes())
     assert _files(outs[0]) == _files(outs[1])
+    assert packs[0] == packs[1]
     record = json.loads((outs[0] / pretrain_tiny.RECORD).read_text())
     assert [row["step"] for row in record["loss_curve"]] == [1, 2, 3]
     assert record["filler_rows"] is None  # InternVL's vocabulary has no fillers
@@ -79,7 +87,9 @@ def test_the_hook_keeps_filler_rows_at_zero_under_adamw_with_weight_decay():
 
 
 def test_qwen_fillers_stay_zero_and_the_packed_file_loads_as_trained(corpus, tmp_path):
-    out, packed = tmp_path / "qwen", tmp_path / "qwen.zip"
+    out, packed = tmp_path / "qwen", tmp_path / "ship" / "qwen.zip"
+    packed.parent.mkdir()
+    integrity.seal(packed.parent)  # sealed before the file came: it is not listed
     _run(["pretrain-tiny", "--arch", "qwen2_5_vl", "--corpus", str(corpus), "--out", str(out), *SHORT,
           "--pack", str(packed), "--keep-scratch"])
     record = json.loads((out / pretrain_tiny.RECORD).read_text())
@@ -89,7 +99,11 @@ def test_qwen_fillers_stay_zero_and_the_packed_file_loads_as_trained(corpus, tmp
     # small enough to ship, although the folder holds the 151,665-row embedding
     assert packed.stat().st_size < 5_000_000 < sum(p.stat().st_size for p in out.iterdir())
     unpacked = tmp_path / "unpacked"
-    assert cli.main(["unpack-tiny", "--packed", str(packed), "--out", str(unpacked)]) == 0
+    # shipped files are sealed by their folder's manifest: an unlisted file is refused, by name
+    with pytest.raises(InputError, match=r"qwen\.zip.*not listed"):
+        backbone.pretrained_backbone(packed, unpacked)
+    integrity.seal(packed.parent)
+    assert cli.main(["pretrained-backbone", "--packed", str(packed), "--out", str(unpacked)]) == 0
     arch = archs.get("qwen2_5_vl")
     loaded, *_ = score.load(unpacked, arch, device="cpu", dtype="float32", max_pixels=16384, varlen=False)
     trained, *_ = score.load(tmp_path / "qwen.scratch" / "train" / "checkpoint-3", arch, device="cpu",
@@ -117,3 +131,28 @@ def test_bad_corpus_and_type_are_named(tmp_path, corpus, capsys):
                   "--types", "colours"])
     assert exc.value.code == 2 and "invalid choice: 'colours'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_shipped_file_that_differs_from_its_manifest_is_refused_by_name(tmp_path):
+    """A packed backbone whose bytes changed after its folder was sealed (a bad copy, an edit, a
+    regenerated file not resealed) stops the backbone job with the file's name; the folder is not
+    written."""
+    folder = tmp_path / "bb"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    integrity.seal(folder)
+    ship = tmp_path / "pretrained"
+    ship.mkdir()
+    packed = ship / "tiny-x.zip"
+    backbone.pack(folder, packed)
+    first = packed.read_bytes()
+    backbone.pack(folder, ship / "again.zip")
+    assert (ship / "again.zip").read_bytes() == first  # deterministic bytes
+    (ship / "again.zip").unlink()
+    integrity.seal(ship)
+    backbone.pretrained_backbone(packed, tmp_path / "ok")
+    assert (tmp_path / "ok" / "config.json").read_text() == "{}"
+    packed.write_bytes(first[:-1] + bytes([first[-1] ^ 1]))
+    with pytest.raises(InputError, match=r"tiny-x\.zip.*sha256 differs"):
+        backbone.pretrained_backbone(packed, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()

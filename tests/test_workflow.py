@@ -520,3 +520,44 @@ def test_jobs_keep_the_users_pythonpath_behind_the_package(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     job = [line for line in seen.read_text().splitlines() if "-m imatch demo-data" in line]
     assert len(job) == 1, seen.read_text()
+
+
+def test_a_pretrained_backbone_is_the_shipped_file_unpacked_and_checked(tmp_path):
+    """`source: pretrained`: the backbone job restores the packed file named by the backbone (or
+    pretrained/tiny-<arch>.zip) byte for byte; a file that differs from the folder's manifest
+    stops the job with its name, and a missing one is refused before anything runs."""
+    from wfhelpers import copy_workflow
+
+    from imatch import backbone, integrity
+
+    workdir, small = copy_workflow(tmp_path / "wf")
+    built = tmp_path / "built"
+    backbone.tiny_backbone("internvl", built, size="tiny", seed=5)
+    ship = workdir / "shipped"
+    ship.mkdir()
+    backbone.pack(built, ship / "iv.zip")
+    integrity.seal(ship)
+    config = tmp_path / "pretrained.yaml"
+    config.write_text(yaml.safe_dump({"results": str(tmp_path / "results"), "backbones": [
+        {"name": "iv-pre", "arch": "internvl", "source": "pretrained", "checkpoint": "shipped/iv.zip"}],
+        "evaluate": {"splits": ["holdout"], "predictors": ["prior", "iv-pre"]}}))
+    out = tmp_path / "results" / "backbones" / "iv-pre"
+    snakemake(workdir, str(out), configs=[small, config])
+    unpacked = sorted(p.name for p in out.iterdir() if p.name != ".snakemake_timestamp")  # Snakemake's own
+    assert unpacked == sorted(p.name for p in built.iterdir())
+    for f in built.iterdir():
+        assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+
+    # damaged after sealing: the job fails naming the file, and leaves no backbone folder
+    shutil.rmtree(out)
+    data = (ship / "iv.zip").read_bytes()
+    (ship / "iv.zip").write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    proc = snakemake(workdir, str(out), configs=[small, config], check=False)
+    assert proc.returncode != 0 and not out.exists()
+    log = (tmp_path / "results" / "logs" / "backbones" / "iv-pre.log").read_text()
+    assert "shipped/iv.zip" in log and "sha256 differs" in log
+
+    # a missing file: the config check names it before any job starts
+    config.write_text(config.read_text().replace("shipped/iv.zip", "shipped/none.zip"))
+    proc = snakemake(workdir, "-n", str(out), configs=[small, config], check=False)
+    assert proc.returncode != 0 and "shipped/none.zip does not exist" in proc.stdout + proc.stderr

@@ -24,9 +24,10 @@ SMALL = {
 def copy_workflow(dest: Path) -> tuple[Path, Path]:
     """The workflow's files in `dest` (so code edits stay private) and the small config file."""
     dest.mkdir(parents=True, exist_ok=True)
-    for item in ("Snakefile", "workflow", "config", "envs"):
+    for item in ("Snakefile", "workflow", "config", "envs", "pretrained"):
         src = REPO / item
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / item)
+        if src.exists():
+            (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / item)
     small = dest / "small.yaml"
     small.write_text(yaml.safe_dump(SMALL))
     return dest, small

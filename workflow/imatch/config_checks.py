@@ -68,6 +68,22 @@ def check_placement(config: dict) -> None:
                               f"has {gpus} (set backbones[{b['name']}].gpus)")
 
 
+def check_pretrained(config: dict, workdir: Path) -> None:
+    """A `source: pretrained` backbone's packed file must exist before anything runs (it is shipped,
+    not made by a rule), and it is a tiny one."""
+    from imatch.plan import pretrained_file
+
+    for b in config["backbones"]:
+        if b.get("source") != "pretrained":
+            continue
+        if b.get("size", "tiny") != "tiny":
+            raise ConfigError(f"backbones[{b['name']}].size: source pretrained is a tiny backbone, not {b['size']!r}")
+        path = Path(workdir) / pretrained_file(b)
+        if not path.is_file():
+            raise ConfigError(f"backbones[{b['name']}]: {path} does not exist (source pretrained; the command "
+                              f"that makes it: pretrained/README.md)")
+
+
 def check_names(config: dict) -> None:
     """Names that refer to backbones or predictors must exist."""
     names = [b["name"] for b in config["backbones"]]
@@ -156,6 +172,7 @@ def check(config: dict, schema: dict, workdir: Path) -> None:
     check_names(config)
     check_overrides(config, schema)
     check_placement(config)
+    check_pretrained(config, workdir)
     check_paths(config, workdir)
     check_writable(workdir / config["results"])
 

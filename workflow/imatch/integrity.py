@@ -65,6 +65,19 @@ def add_parser(subparsers) -> None:
     p.add_argument("--allow-unlisted", action="store_true", help="ignore files the manifest does not list")
     p.set_defaults(func=_run)
 
+    p = subparsers.add_parser("seal", help="write a folder's sha256 manifest.json (e.g. pretrained/ after regenerating)",
+                              description="Write FOLDER/manifest.json: path, size and sha256 of every file in it, for "
+                                          "a folder that a person assembles rather than a stage (the shipped "
+                                          "pretrained backbones); `imatch verify FOLDER` checks it.")
+    p.add_argument("folder", type=Path)
+    p.set_defaults(func=_run_seal)
+
+
+def _run_seal(args: argparse.Namespace) -> int:
+    manifest = seal(args.folder)
+    print(f"{args.folder}: {len(manifest['files'])} files sealed in {MANIFEST}")
+    return 0
+
 
 def _run(args: argparse.Namespace) -> int:
     for folder in args.folders:

@@ -257,12 +257,20 @@ class Plan:
     def backbone_dir(self, name: str) -> str:
         """Folder of a backbone in the native transformers layout."""
         b = self.backbones[name]
-        if b["source"] == "tiny":
+        if b["source"] in ("tiny", "pretrained"):
             return f"{self.results}/backbones/{name}"
         if b["source"] == "local":
             return b["checkpoint"]
         suffix = "-native" if b["arch"] == "ovis2" else ""
         return f"resources/backbones/{name}{suffix}"
+
+    def backbones_from(self, source: str) -> list[str]:
+        """Names of the backbones whose weights come from `source` (tiny, pretrained, hub, local)."""
+        return [name for name, b in self.backbones.items() if b["source"] == source]
+
+    def pretrained_file(self, name: str) -> str:
+        """The shipped packed file of a `source: pretrained` backbone."""
+        return pretrained_file(self.backbones[name])
 
     def backbone_input(self, name: str) -> str:
         """What makes a fine-tune stale: the built folder, or the download's manifest."""
@@ -426,3 +434,13 @@ class Plan:
             targets.append(f"{res}/bundle")  # the submitted models, portable (imatch export)
         targets += [f"{res}/ablation/table_{task}.tsv" for task in TASKS if self.ablation[task] and self.backbones]
         return targets
+
+
+SHIPPED = "pretrained"  # the folder of the shipped pretrained tiny backbones, sealed by its manifest.json
+
+
+def pretrained_file(backbone: dict) -> str:
+    """A `source: pretrained` backbone's packed file: its `checkpoint`, else the shipped one of its
+    architecture (pretrained/tiny-<arch>.zip)."""
+    return backbone.get("checkpoint") or f"{SHIPPED}/tiny-{backbone['arch']}.zip"
+

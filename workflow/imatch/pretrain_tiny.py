@@ -37,7 +37,7 @@ checks the saved weights again). As output logits (the embedding is tied) a zero
 0 to every filler id, always: the softmax carries their constant mass, which the answer's logit
 has to outgrow (it cannot be pushed down). Zero rows deflate to almost nothing, so the file to
 ship (`--pack FILE`, a deterministic deflated zip of the backbone folder: sorted names, fixed
-times; `imatch unpack-tiny` restores it) costs the reachable rows only (tiny Qwen2.5-VL: 3.1 MB
+times; `imatch pretrained-backbone` restores it) costs the reachable rows only (tiny Qwen2.5-VL: 3.1 MB
 packed, 82 MB unpacked), and the unpacked folder is byte for byte the trained one (its seal is
 checked): no loader-side reconstruction that could drift from what was trained, and ms-swift
 loads it as any backbone.
@@ -78,10 +78,9 @@ import os
 import shutil
 import subprocess
 import time
-import zipfile
 from pathlib import Path
 
-from imatch import archs, integrity, swift_log, train
+from imatch import archs, backbone, integrity, swift_log, train
 from imatch.atomic import atomic_path, write_json
 from imatch.download import MANIFEST
 from imatch.errors import InputError
@@ -91,7 +90,6 @@ FILLER_ENV = "IMATCH_FILLER_ROWS"  # "start:stop": rows of the input embedding k
 FILLER_RECORD_ENV = "IMATCH_FILLER_RECORD"  # where the callback writes what it checked
 FILLER_PREFIX = "<|filler_"
 RECORD = "pretraining.json"
-ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 QUESTION_TYPES = ["colour", "shape", "count", "position", "relation", "presence"]
 
 
@@ -289,16 +287,17 @@ def pretrain(args) -> dict:
     curve = train.loss_curve(log) if log.is_file() else []  # the loss per step, as `imatch train` records it
     record = {
         "arch": arch.name, "size": spec_size, "seed": args.seed, "random_weights": False,
-        "pretrained_on": {"corpus": str(corpus.resolve()), "corpus_seed": summary.get("seed"),
+        "pretrained_on": {"corpus_seed": summary.get("seed"), "corpus_scenes": summary.get("scenes"),
                           "corpus_sha256": summary.get("sha256"), "rows": n_rows, "types": args.types},
         "recipe": {k: getattr(args, k) for k in ("steps", "learning_rate", "weight_decay", "warmup_ratio",
                                                  "lr_scheduler", "batch_size", "max_length", "max_pixels",
                                                  "max_tiles", "threads")},
         "filler_rows": list(rows) if rows else None,
         "filler_check": json.loads(check.read_text()) if check.is_file() else None,
-        "wall_seconds": round(wall, 1),
         "loss_curve": curve,
-        "swift_command": cmd[1:],
+        # the swift flags, with this run's folders named by their role: the record (and so the
+        # packed file) is the same bytes wherever and whenever the command runs
+        "swift_command": [_role(a, {str(scratch): "<scratch>", str(Path(__file__).parent): "<imatch>"}) for a in cmd[1:]],
     }
     with atomic_path(args.out, directory=True) as tmp:
         _export(final, base, tmp, arch, rows)
@@ -308,10 +307,16 @@ def pretrain(args) -> dict:
         write_json(record, tmp / RECORD)
         integrity.seal(tmp)
     if args.pack:
-        pack(args.out, args.pack)
+        backbone.pack(args.out, args.pack)
     if not args.keep_scratch:
         shutil.rmtree(scratch, ignore_errors=True)
-    return record
+    return {**record, "wall_seconds": round(wall, 1)}
+
+
+def _role(arg: str, roles: dict[str, str]) -> str:
+    for path, name in roles.items():
+        arg = arg.replace(path, name)
+    return arg
 
 
 def _zero_saved_fillers(folder: Path, arch: archs.Arch, rows: tuple[int, int]) -> None:
@@ -340,30 +345,6 @@ def _export(checkpoint: Path, base: Path, out: Path, arch: archs.Arch, rows) -> 
             continue
         if not (out / item.name).exists():
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, out / item.name)
-
-
-# ---------------------------------------------------------------- shipping
-
-def pack(backbone: Path, file: Path) -> int:
-    """A deterministic deflated zip of the backbone folder (sorted names, fixed times)."""
-    backbone = Path(backbone)
-    with atomic_path(file) as tmp:
-        with zipfile.ZipFile(tmp, "w") as zf:
-            for path in sorted(p for p in backbone.rglob("*") if p.is_file()):
-                info = zipfile.ZipInfo(path.relative_to(backbone).as_posix(), date_time=ZIP_TIME)
-                info.compress_type = zipfile.ZIP_DEFLATED
-                info.external_attr = 0o644 << 16
-                zf.writestr(info, path.read_bytes(), compresslevel=9)
-    return Path(file).stat().st_size
-
-
-def unpack(file: Path, out: Path) -> None:
-    """The backbone folder of a packed file, its files checked against its seal."""
-    from imatch.zipparts import safe_extract
-
-    with atomic_path(out, directory=True) as tmp:
-        safe_extract([Path(file)], tmp, label=str(file))
-        integrity.verify(tmp, required=True)
 
 
 # ---------------------------------------------------------------- held-out check
@@ -482,12 +463,6 @@ def add_parser(subparsers) -> None:
     e.add_argument("--out", type=Path, help="write the report here (JSON)")
     e.set_defaults(func=_run_eval)
 
-    u = subparsers.add_parser("unpack-tiny", help="restore a packed pretrained tiny backbone to a folder",
-                              description=__doc__)
-    u.add_argument("--packed", type=Path, required=True)
-    u.add_argument("--out", type=Path, required=True)
-    u.set_defaults(func=_run_unpack)
-
 
 def _run(args) -> int:
     if args.scratch is None:
@@ -509,12 +484,6 @@ def _run_eval(args) -> int:
     print(format_report(report))
     if args.out:
         write_json(report, args.out)
-    return 0
-
-
-def _run_unpack(args) -> int:
-    unpack(args.packed, args.out)
-    print(f"unpacked {args.packed} to {args.out}")
     return 0
 
 

@@ -15,6 +15,8 @@ rule backbone_tiny:
         f"{RESULTS}/logs/backbones/{{backbone}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/backbones/{{backbone}}.tsv"
+    wildcard_constraints:
+        backbone="|".join(map(re.escape, PLAN.backbones_from("tiny"))) or "(?!)",
     conda:
         "../../envs/imatch.yaml"
     resources:
@@ -27,6 +29,27 @@ rule backbone_tiny:
     shell:
         "imatch tiny-backbone --arch {params.arch} --size {params.size} --seed {params.seed}"
         " --out {output} > {log} 2>&1"
+
+
+rule backbone_pretrained:
+    input:
+        packed=lambda w: PLAN.pretrained_file(w.backbone),
+        code=code("backbone"),
+    output:
+        directory(f"{RESULTS}/backbones/{{backbone}}"),
+    log:
+        f"{RESULTS}/logs/backbones/{{backbone}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/backbones/{{backbone}}.tsv"
+    wildcard_constraints:
+        backbone="|".join(map(re.escape, PLAN.backbones_from("pretrained"))) or "(?!)",
+    conda:
+        "../../envs/imatch.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "imatch pretrained-backbone --packed {input.packed} --out {output} > {log} 2>&1"
 
 
 rule backbone_download:
