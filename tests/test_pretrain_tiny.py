@@ -156,3 +156,23 @@ def test_a_shipped_file_that_differs_from_its_manifest_is_refused_by_name(tmp_pa
     with pytest.raises(InputError, match=r"tiny-x\.zip.*sha256 differs"):
         backbone.pretrained_backbone(packed, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_shipped_backbones_match_their_manifest_are_small_and_say_what_made_them(tmp_path):
+    """pretrained/ (the embedded default's `source: pretrained`): every file listed in its manifest
+    with the bytes recorded there, nothing unlisted, each packed backbone at most 25 MB, and each
+    one, unpacked, a sealed backbone of its architecture pretrained by `make pretrained`'s recipe."""
+    folder = Path(__file__).resolve().parents[1] / "pretrained"
+    assert integrity.verify(folder, required=True) == 4  # the three backbones and the README
+    for arch, steps in (("internvl", 4000), ("ovis2", 4000), ("qwen2_5_vl", 1500)):
+        packed = folder / f"tiny-{arch}.zip"
+        assert packed.stat().st_size <= 25_000_000
+        out = tmp_path / arch
+        backbone.pretrained_backbone(packed, out)
+        info = json.loads((out / "imatch-backbone.json").read_text())
+        assert info == {"arch": arch, "size": "tiny", "seed": 0, "random_weights": False, "pretrained": pretrain_tiny.RECORD}
+        record = json.loads((out / pretrain_tiny.RECORD).read_text())
+        assert record["pretrained_on"]["corpus_seed"] == 1 and record["pretrained_on"]["corpus_scenes"] == 2000
+        assert record["recipe"]["steps"] == steps and record["recipe"]["threads"] == 2
+        assert record["loss_curve"][-1]["step"] == steps
+        assert record["loss_curve"][-1]["loss"] < 0.5 * record["loss_curve"][0]["loss"]
