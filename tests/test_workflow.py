@@ -561,3 +561,22 @@ def test_a_pretrained_backbone_is_the_shipped_file_unpacked_and_checked(tmp_path
     config.write_text(config.read_text().replace("shipped/iv.zip", "shipped/none.zip"))
     proc = snakemake(workdir, "-n", str(out), configs=[small, config], check=False)
     assert proc.returncode != 0 and "shipped/none.zip does not exist" in proc.stdout + proc.stderr
+
+
+def test_the_pretrained_demo_config_plans_the_shipped_backbones(tmp_path):
+    """config/pretrained.yaml on top of the default: the three backbones come from pretrained/ (no
+    random build), and the LoRA recipe reaches every training command."""
+    from wfhelpers import copy_workflow
+
+    workdir, _ = copy_workflow(tmp_path / "wf")
+    proc = snakemake(workdir, "-n", "-p", "--forceall", configs=[workdir / "config" / "pretrained.yaml"])
+    jobs = planned_jobs(proc)
+    assert "backbone_pretrained" in jobs and "backbone_tiny" not in jobs
+    text = proc.stdout + proc.stderr
+    for arch in ("internvl", "ovis2", "qwen2_5_vl"):
+        assert f"imatch pretrained-backbone --packed pretrained/tiny-{arch}.zip" in text
+    commands = [line.strip().removeprefix("Shell command:").strip() for line in text.splitlines()]
+    trainings = [c for c in commands if c.startswith("imatch train ")]
+    assert len(trainings) == 12
+    assert all("--tuner lora" in t and "--lora-rank 16" in t and "--train-vit" in t and "--grad-accum 2" in t
+               and "--max-steps 60" in t for t in trainings), trainings[0]
