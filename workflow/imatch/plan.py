@@ -443,4 +443,3 @@ def pretrained_file(backbone: dict) -> str:
     """A `source: pretrained` backbone's packed file: its `checkpoint`, else the shipped one of its
     architecture (pretrained/tiny-<arch>.zip)."""
     return backbone.get("checkpoint") or f"{SHIPPED}/tiny-{backbone['arch']}.zip"
-

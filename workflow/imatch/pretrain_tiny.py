@@ -48,6 +48,10 @@ accuracy per question type beside two blind baselines: the type's majority answe
 most frequent training answer of the same question text (what a model that ignores the image can
 reach at best from the training corpus).
 
+What ships (`make pretrained`, `pretrained/README.md`): the three backbones of this recipe, with
+their held-out accuracy. Trials that chose it (before the record lost its paths and wall time, so
+their bytes differ from the shipped files; figures close to the shipped ones):
+
 Measured (2-core CPU, `--threads 2`, batch 16, training corpus seed 1 with 2000 scenes = 21,582
 question rows, held out: all 2174 questions of seed 2; accuracy / majority / same-question blind):
 - tiny InternVL, questions only, lr 5e-4, 4000 steps (17.5 min wall, other jobs sharing the
