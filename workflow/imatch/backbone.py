@@ -19,7 +19,7 @@ from pathlib import Path
 
 from imatch import archs, hub, integrity
 from imatch.atomic import atomic_path
-from imatch.download import MANIFEST, sha256_file
+from imatch.download import MANIFEST
 from imatch.errors import InputError
 from imatch.integrity import seal
 
@@ -57,16 +57,11 @@ def check_shipped(file: Path) -> dict:
     manifest = file.parent / MANIFEST
     if not manifest.is_file():
         raise InputError(file, f"no {manifest} beside it: a shipped backbone is sealed by its folder's manifest")
-    try:
-        entries = {e["path"]: e for e in json.loads(manifest.read_text())["files"]}
-    except (ValueError, KeyError, TypeError) as exc:
-        raise InputError(manifest, f"unreadable manifest: {exc}") from None
-    entry = entries.get(file.name)
+    entry = next((e for e in integrity.manifest_entries(manifest) if e["path"] == file.name), None)
     if entry is None:
         raise InputError(file, f"not listed in {manifest} (a regenerated file is sealed with `imatch seal "
                                f"{file.parent}`)")
-    if file.stat().st_size != entry["size"] or sha256_file(file) != entry["sha256"]:
-        raise InputError(file, f"size or sha256 differs from the one recorded in {manifest} (altered or corrupted)")
+    integrity.check_file(file, entry, manifest)
     return entry
 
 

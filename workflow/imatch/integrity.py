@@ -26,6 +26,25 @@ def seal(folder: Path, **meta) -> dict:
     return manifest
 
 
+def manifest_entries(path: Path) -> list[dict]:
+    """The file entries (path, size, sha256) of a manifest.json, or an error naming it."""
+    try:
+        return json.loads(Path(path).read_text())["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(path, f"unreadable manifest: {exc}") from None
+
+
+def check_file(target: Path, entry: dict, manifest: Path) -> None:
+    """`target` against its `entry` of `manifest`: there, of the recorded size and sha256."""
+    if not target.is_file():
+        raise InputError(target, f"missing: listed in {manifest}")
+    size = target.stat().st_size
+    if size != entry["size"]:
+        raise InputError(target, f"{size} bytes, {manifest} records {entry['size']} (truncated or replaced)")
+    if sha256_file(target) != entry["sha256"]:
+        raise InputError(target, f"sha256 differs from the one recorded in {manifest} (altered or corrupted)")
+
+
 def verify(folder: Path, *, exact: bool = True, required: bool = False) -> int | None:
     """Check every file of `folder` against its manifest; the number of files checked, or None
     (after saying so) when there is no manifest and none is required."""
@@ -36,19 +55,9 @@ def verify(folder: Path, *, exact: bool = True, required: bool = False) -> int |
             raise InputError(folder, f"no {MANIFEST}: its files cannot be checked")
         print(f"{folder}: no {MANIFEST}, files not verified")
         return None
-    try:
-        files = json.loads(path.read_text())["files"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise InputError(path, f"unreadable manifest: {exc}") from None
+    files = manifest_entries(path)
     for entry in files:
-        target = folder / entry["path"]
-        if not target.is_file():
-            raise InputError(target, f"missing: listed in {path}")
-        size = target.stat().st_size
-        if size != entry["size"]:
-            raise InputError(target, f"{size} bytes, {path} records {entry['size']} (truncated or replaced)")
-        if sha256_file(target) != entry["sha256"]:
-            raise InputError(target, f"sha256 differs from the one recorded in {path} (altered or corrupted)")
+        check_file(folder / entry["path"], entry, path)
     if exact:
         listed = {entry["path"] for entry in files}
         extra = [p.relative_to(folder).as_posix() for p in manifest_files(folder)]
