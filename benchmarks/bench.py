@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from imatch import archs, attention, levels
+from imatch import archs, attention, blocks, levels
 from imatch.atomic import atomic_path
 from imatch.naive import load_plain, naive_score, open_budget, plain_batches, plain_inputs
 
@@ -226,7 +226,7 @@ def bench_scoring(arch, folder, sets, args, device, dtype, peak, report) -> None
             profile(model, template, images[:b], queries[:b], answer_ids, b, device,
                     args.out / f"profile-{arch.name}-{size}.txt")
     if args.compile:  # the same path with every transformer block compiled
-        print(f"compiled {score.compile_layers(model)} blocks", flush=True)
+        print(f"compiled {blocks.compile_blocks(model)} blocks", flush=True)
         for size, table in sets.items():
             images, queries = list(table["image"]), list(table["query"])
             batch = max(args.batch_sizes[size])
@@ -254,7 +254,7 @@ def bench_element_scoring(arch, folder, table, args, device, report) -> None:
     compiled = False
     for use_compile in ([False, True] if args.compile else [False]):
         if use_compile and not compiled:
-            print(f"compiled {score.compile_layers(model)} blocks", flush=True)
+            print(f"compiled {blocks.compile_blocks(model)} blocks", flush=True)
             compiled = True
         probs = {}
         # the shared-prefix path twice: its own attention kernels, and with cuDNN's allowed (prefix.sdpa_backends)
@@ -457,7 +457,7 @@ def workflow_training(arch, folder, jsonl, naive, args, work, variant: dict) -> 
     batch = variant.get("batch", args.train_batch)
     if batch > sum(1 for _ in open(jsonl)):
         raise ValueError(f"batch {batch} is larger than the {jsonl} training set: raise --prompts")
-    warm = 3
+    warm = variant.get("warm", 3)  # steps not measured (a compiled variant compiles in its first steps)
     cmd = ["train", "--arch", arch.name, "--model", folder, "--dataset", jsonl, "--out", out / "model",
            "--scratch", out / "scratch", "--max-steps", args.train_steps + warm, "--batch-size", batch,
            "--save-steps", 10_000, "--step-times", times, "--max-pixels", args.train_image ** 2,
@@ -470,6 +470,8 @@ def workflow_training(arch, folder, jsonl, naive, args, work, variant: dict) -> 
         cmd.append("--share-prefix")
     if variant.get("liger"):
         cmd.append("--liger")
+    if variant.get("compile"):
+        cmd.append("--compile")
     if variant.get("profile"):  # torch.profiler over these measured steps, beside the step times
         first, last = (warm + int(x) for x in str(variant["profile"]).split("-"))
         cmd += ["--profile-steps", f"{first}-{last}"]

@@ -110,7 +110,7 @@ def imatch(capsys):
 # `make test-fast` (the inner loop: pytest -m "not slow") leaves out what runs the workflow,
 # a SLURM cluster, ms-swift training or the benchmark driver; CI runs everything.
 SLOW_FIXTURES = {"workflow", "cluster"}
-SLOW_MODULES = {"test_models", "test_slurm", "test_prefix", "test_performance", "test_cost", "test_ablation",
+SLOW_MODULES = {"test_models", "test_slurm", "test_prefix", "test_blocks", "test_performance", "test_cost", "test_ablation",
                 "test_reproducibility", "test_scorer", "test_docs"}
 SLOW_NAMES = ("swift_sft", "named_by_snakemake")  # a training through `swift sft`; a Snakemake start
 

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from imatch import archs, attention, integrity, levels, swift_log  # noqa: F401  (swift_log: a true log about remote code)
+from imatch import archs, attention, blocks, integrity, levels, swift_log  # noqa: F401  (swift_log: a true log about remote code)
 from imatch.atomic import write_parquet
 from imatch.devices import check_gpus
 from imatch.errors import InputError
@@ -100,19 +100,6 @@ def make_template(processor, arch: archs.Arch, *, max_pixels: int | None, max_ti
     template = get_template(processor, template_type=arch.swift_template, max_pixels=max_pixels or None)
     template.set_mode("transformers")
     return template
-
-
-def compile_layers(model) -> int:
-    """torch.compile each transformer block (LLM decoder layers, vision blocks) on its own: the
-    norms, activations, rotary and residual adds between the GEMMs fuse into fewer kernels, and
-    one compiled graph serves every layer of a kind. Returns the number of blocks compiled."""
-    import torch
-
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    blocks = [m for m in model.modules() if type(m).__name__.endswith(("DecoderLayer", "VisionBlock", "EncoderLayer"))]
-    for block in blocks:
-        block.compile(dynamic=True)
-    return len(blocks)
 
 
 def _blank(path: str, cache: dict) -> str:
@@ -502,7 +489,7 @@ def _run(args) -> int:
                                       max_pixels=args.max_pixels, max_tiles=args.max_tiles, varlen=args.varlen,
                                       allow_unsealed=args.allow_unsealed)
     if args.compile:
-        print(f"compiled {compile_layers(model)} transformer blocks", flush=True)
+        print(f"compiled {blocks.compile_blocks(model)} transformer blocks", flush=True)
     t0 = time.time()
     parts = []
     with tempfile.TemporaryDirectory(prefix="imatch-blank-") as grey:  # the grey stand-in images

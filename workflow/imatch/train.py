@@ -24,7 +24,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from imatch import archs, attention, gpu_memory, integrity, prefix, steptimer, swift_log
+from imatch import archs, attention, blocks, gpu_memory, integrity, prefix, steptimer, swift_log
 from imatch.atomic import atomic_path
 from imatch.devices import check_gpus
 from imatch.download import sha256_file
@@ -104,6 +104,13 @@ def recipe_flags(args, packed: bool = False) -> list[str]:
     return flags
 
 
+def compiles(args, packed: bool) -> bool:
+    """`--compile` compiles the blocks of per-query rows only: packed rows (prefix sharing), a new
+    length and mask every step, trained 3.3x slower compiled on an H200 (29.5 -> 8.9 answers/s,
+    Qwen2.5-VL-7B, docs/performance.md), so they stay eager."""
+    return bool(getattr(args, "compile", False)) and not packed
+
+
 def splits_layers(args) -> bool:
     """One process whose model's layers are spread over the job's GPUs (`--split-layers` with
     two GPUs or more), instead of one data-parallel process per GPU."""
@@ -142,6 +149,9 @@ def swift_command(args, arch: archs.Arch, output_dir: Path, resume: Path | None,
     if args.varlen:  # the vision tower's attention windows in one kernel (imatch.attention)
         plugins.append(attention.__file__)
         callbacks.append(attention.NAME)
+    if compiles(args, packed is not None):  # each transformer block compiled (imatch.blocks)
+        plugins.append(blocks.__file__)
+        callbacks.append(blocks.NAME)
     if getattr(args, "step_times", None):  # per-step timings for the benchmark (imatch.steptimer)
         plugins.append(steptimer.__file__)
         callbacks.append(steptimer.NAME)
@@ -289,9 +299,13 @@ def versions() -> dict:
 
 
 def check_placement(args) -> None:
-    """Refuse what cannot run split over GPUs (before anything loads)."""
+    """Refuse what cannot run: a bad cap, liger with compiled blocks or split layers (before anything loads)."""
     if getattr(args, "gpu_memory_cap", 0) < 0:
         raise SystemExit(f"--gpu-memory-cap {args.gpu_memory_cap}: a cap in GiB, > 0 (0: none)")
+    if getattr(args, "liger", False) and getattr(args, "compile", False):
+        raise SystemExit("--liger cannot run with --compile: Dynamo fails to trace liger-kernel's Triton autograd "
+                         "functions inside a compiled block (torch 2.11, an H200 run: docs/performance.md); "
+                         "the compiled blocks fuse the same norms and activations themselves")
     if splits_layers(args) and getattr(args, "liger", False):  # ms-swift refuses it after loading the model
         raise SystemExit("--liger cannot run with --split-layers: ms-swift's liger kernels do not support a "
                          "model spread over GPUs (device_map)")
@@ -330,6 +344,8 @@ def train(args) -> dict:
         packing = prefix.pack_rows(args.dataset, packed, answers=answers_per_row(args), seed=args.seed)
         print(f"prefix sharing: {packing['queries']} queries of {packing['images']} images in {packing['rows']} rows "
               f"of {answers_per_row(args)} answers, {packing['prefixes_encoded']} prefixes encoded", flush=True)
+    if getattr(args, "compile", False) and packed is not None:
+        print("--compile: packed rows train with eager blocks (compiled, they were measured slower)", flush=True)
     done = resume is not None and finished(resume)
     if done:  # a finished run whose output was not written (killed, or a failed copy): nothing to train
         print(f"{resume} is the last step of this run: nothing left to train, making the output from it")
@@ -383,6 +399,7 @@ def train(args) -> dict:
         "versions": versions(),
         "adapter": (final / "adapter_config.json").is_file(),
         "prefix_sharing": packing,
+        "compiled_blocks": compiles(args, packed is not None),  # imatch.blocks (--compile, per-query rows)
         # what every image was reduced to: the template's pixel budget, then at most max_tiles tiles
         "image_budget": {"max_pixels": args.max_pixels or None, "max_tiles": args.max_tiles, "env": tiles},
     }
@@ -426,6 +443,11 @@ def add_recipe_arguments(p) -> None:
     g.add_argument("--liger", action=argparse.BooleanOptionalAction, default=False,
                    help="liger-kernel's Triton kernels in swift sft (fused linear cross-entropy: the vocabulary-sized "
                         "logits are never materialised; RMSNorm, SwiGLU, RoPE); needs `pip install liger-kernel` and a GPU")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile every transformer block in swift sft (imatch.blocks: the LoRA branches' casts, "
+                        "dropout and the norms between the GEMMs fuse; same function, eager's dropout masks; "
+                        "the first steps compile, ~1 min on a GPU). Per-query rows only: packed rows "
+                        "(--share-prefix) stay eager, where compiling was measured slower")
     g.add_argument("--save-steps", type=int, default=200, help="checkpoint interval (resume granularity)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--workers", type=int, default=0, help="dataloader workers")
