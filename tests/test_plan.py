@@ -195,3 +195,16 @@ def test_the_shipped_configs_plan_the_committed_jobs(name):
     got, want = plans.plan(name), plans.committed(name)
     diff = "".join(list(difflib.unified_diff(want.splitlines(True), got.splitlines(True), "committed", "now"))[:60])
     assert got == want, f"the plan of config/{name}.yaml changed (if intended: python tests/plans.py --write):\n{diff}"
+
+
+def test_the_real_config_compiles_qwen_training_only_where_measured_faster():
+    """config/evalmuse.yaml compiles the Qwen2.5-VL-7B training (1.7x on an H200, per-query rows),
+    not InternVL2.5's or Ovis2's (InternVL measured 3.4x slower compiled); a config without the key
+    (the schema's default, false) keeps its commands: no `--no-compile` that would retrain finished models."""
+    plan = Plan(config("evalmuse.yaml"))
+    compiled = {b: "--compile" in plan.recipe_flags(b).split() for b in plan.backbones}
+    assert compiled == {"internvl2_5-8b-mpo": False, "qwen2_5-vl-7b": True, "ovis2-8b": False,
+                        "ovis2-16b": False, "ovis2-34b": False}
+    default = Plan(config())
+    assert default.recipe("tiny-internvl")["compile"] is False
+    assert not any("compile" in default.recipe_flags(b) for b in default.backbones)

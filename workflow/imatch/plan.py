@@ -17,8 +17,9 @@ from imatch.config_checks import BASELINES, predictor_names
 from imatch.variants import Registry
 
 TASKS = ("overall", "element")
-# recipe keys that change nothing at these values (one process per GPU, no memory cap): not passed then
-QUIET_DEFAULTS = {"split_layers": False, "gpu_memory_cap": 0}
+# recipe keys that change nothing at these values (one process per GPU, no memory cap, eager blocks):
+# not passed then
+QUIET_DEFAULTS = {"split_layers": False, "gpu_memory_cap": 0, "compile": False}
 
 
 def _named(values) -> dict:
