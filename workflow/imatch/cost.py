@@ -10,8 +10,9 @@ elements per image, the augmented fraction of the config's training sets, epochs
 
 Rates are samples (answers) or queries per second on one GPU, per architecture, as `benchmarks/bench.py`
 measures them (`--bench bench.json ...`, later files win; `--write-rates` keeps the summary):
-`train` (per query), `train_shared` (element queries, prefix shared), each also with `_ckpt`
-(gradient checkpointing on, as the job's flags say), `score`, `score_shared`. A backbone larger
+`train` (per query), `train_compiled` (per query, `--compile`), `train_shared` (element queries,
+prefix shared), each also with `_ckpt` (gradient checkpointing on, as the job's flags say), `score`,
+`score_shared`. A backbone larger
 than the one measured is charged by its parameter count (from its checkpoint name, e.g.
 Ovis2-16B: 16/8 of Ovis2-8B): an estimate, said so in the table, unless a rate was measured at
 its size (a result row with `params_b`, as `benchmarks/train_rate.py` writes it). A training job
@@ -69,10 +70,13 @@ def _rate_key(row: dict) -> str | None:
     if any(switch in variant for switch in NOT_THE_WORKFLOW):
         return None
     ckpt = "" if "ckpt=False" in variant else "_ckpt"
+    compiled = "_compiled" if "compile=True" in variant else ""
     if stage == "element-train":
-        return ("train_shared" if "share=True" in variant else "train") + ckpt
+        if "share=True" in variant:  # packed rows: never compiled by `imatch train` (train.compiles)
+            return None if compiled else "train_shared" + ckpt
+        return "train" + compiled + ckpt
     if stage == "train" and path == "workflow":
-        return "train" + ckpt
+        return "train" + compiled + ckpt
     if stage == "element-score":
         return "score_shared" if path == "shared prefix" else "score"
     if stage == "score" and path.startswith("workflow") and row.get("image") == 448:
@@ -150,7 +154,8 @@ def estimate(commands: list[list[str]], config: dict, counts: Counts, rates: dic
             work = sum(counts.queries(t, s) for t, s in sets) * args.epochs
             if args.max_steps:
                 work = min(work, args.max_steps * args.batch_size * args.grad_accum * max(1, args.gpus))
-            kind = ("train_shared" if args.share_prefix and task == "element" else "train") \
+            packed = args.share_prefix and task == "element"
+            kind = ("train_shared" if packed else "train") + ("_compiled" if args.compile and not packed else "") \
                 + ("_ckpt" if args.gradient_checkpointing else "")
             stage = "train"
         else:
@@ -160,7 +165,8 @@ def estimate(commands: list[list[str]], config: dict, counts: Counts, rates: dic
             kind = "score_shared" if args.share_prefix and task == "element" else "score"
             stage = "score"
         arch = backbones[backbone]["arch"]
-        fallback = kind.replace("_shared", "")  # sharing not measured: charged as per-query work
+        # sharing not measured: charged as per-query work; compiled blocks not measured: as eager ones
+        fallback = kind.replace("_shared", "").replace("_compiled", "")
         size = params_b(backbones[backbone])
         sized = rates["archs"].get(arch, {}).get("by_size", {}).get(f"{size:g}", {}) if size else {}
         measured = sized if (sized.get(kind) or sized.get(fallback)) else rates["archs"].get(arch, {})
