@@ -61,3 +61,24 @@ def test_a_split_the_model_did_not_score_is_an_error(ingested, tmp_path):
     row = {"qalign": True, "validation": False, "element_levels": False, "image_augmentation": False}
     with pytest.raises(Exception, match="were not scored"):
         ablation_table("overall", [{"row": row, "backbone": "m", "scores": str(path)}], *ingested, "holdout", tau=3)
+
+
+def test_seeds_give_each_metric_its_mean_and_sample_sd_over_the_seeds(ingested, tmp_path):
+    """`ablation.seeds`: one model per seed; the table's value is the mean over the seeds of the
+    judge's metric of each, `sd` their sample standard deviation, recomputed here with scipy."""
+    samples, elements = (pd.read_parquet(p) for p in ingested)
+    truth = samples.loc[samples["split"] == "holdout", "total_score"].to_numpy()
+    rng = np.random.default_rng(0)
+    flags = {"qalign": True, "validation": False, "element_levels": False, "image_augmentation": False}
+    plan, srcc = [], []
+    for seed in (0, 1, 2):  # three models of one row: the truth with more or less noise
+        level = np.clip((truth - 1) / 4 * 14 + 1 + rng.normal(0, 2 + 2 * seed, len(truth)), 1, 15)
+        path = tmp_path / f"s{seed}.parquet"
+        score_table(samples, elements, "holdout", "overall", level).to_parquet(path)
+        plan.append({"row": flags, "backbone": "m", "seed": seed, "scores": str(path)})
+        srcc.append(spearmanr(truth, levels.level_to_total(level))[0])
+    table = ablation_table("overall", plan, *ingested, "holdout", tau=3)
+    assert list(table.columns) == [*flags, "m srcc", "m srcc sd", "m plcc", "m plcc sd", "seeds"]
+    assert len(table) == 1 and table.loc[0, "seeds"] == "0 1 2"
+    assert table.loc[0, "m srcc"] == pytest.approx(np.mean(srcc), abs=1e-12)
+    assert table.loc[0, "m srcc sd"] == pytest.approx(np.std(srcc, ddof=1), abs=1e-12) and table.loc[0, "m srcc sd"] > 0.01

@@ -208,3 +208,57 @@ def test_the_real_config_compiles_qwen_training_only_where_measured_faster():
     default = Plan(config())
     assert default.recipe("tiny-internvl")["compile"] is False
     assert not any("compile" in default.recipe_flags(b) for b in default.backbones)
+
+
+def test_ablation_seeds_train_each_row_once_per_seed_with_that_seed():
+    """`ablation.seeds: [0, 1, 2]`: three models per row and backbone, named by their seed, each
+    trained with `--seed N` (the rest of the recipe unchanged), and the table reads all three;
+    without the key a row's model keeps its name and the recipe's seed."""
+    import json as _json
+
+    rows = {"overall": [{"qalign": True, "validation": False, "element_levels": False, "image_augmentation": False}],
+            "element": [], "split": "holdout", "backbones": [], "seeds": None}
+    plain = Plan(config(ablation=rows))
+    seeded = Plan(config(ablation={**rows, "seeds": [0, 1, 2]}))
+    [cell] = plain.ablation_cells("overall")[:1]
+    assert "seed" not in cell and "/ablation/scores/tiny-internvl/overall-" in cell["scores"] and ".seed" not in cell["scores"]
+    cells = [c for c in seeded.ablation_cells("overall") if c["backbone"] == "tiny-internvl"]
+    assert [c["seed"] for c in cells] == [0, 1, 2]
+    models = [c["scores"].split("/")[-2].rsplit("-", 1)[0] for c in cells]
+    assert [m.rsplit(".", 1)[1] for m in models] == ["seed0", "seed1", "seed2"]
+    for seed, model in zip((0, 1, 2), models):
+        got = seeded.ablation_recipe_flags("tiny-internvl", model).split()
+        want = plain.recipe_flags("tiny-internvl").split()
+        assert got[got.index("--seed") + 1] == str(seed)
+        assert got[:got.index("--seed")] == want[:want.index("--seed")]  # nothing else changes
+        assert seeded.ablation_sets(model, "r1") == plain.ablation_sets(model.rsplit(".", 1)[0], "r1")
+    assert _json.loads(_json.dumps(cells))[2]["seed"] == 2
+
+
+@pytest.mark.slow  # a dry run
+def test_snakemake_plans_every_seed_of_every_ablation_row(tmp_path):
+    """The workflow itself (`snakemake -n -p`, config/ablation.yaml with `seeds: [0, 1]`): twice the
+    ablation trainings of the plain run, each model's `--seed` the one in its name, and the tables
+    wait for all of them."""
+    import re
+    import subprocess
+    import sys
+
+    seeds = tmp_path / "seeds.yaml"
+    seeds.write_text("ablation:\n  seeds: [0, 1]\n")
+
+    def dry_run(*configs):
+        return subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "--forceall", "--configfile",
+                               "config/ablation.yaml", *configs, "--config", "results=results/plan"],
+                              capture_output=True, text=True, check=True, cwd=REPO).stdout
+
+    def trainings(out):
+        lines = (line.removeprefix("Shell command: ") for line in out.splitlines())
+        return [line for line in lines if line.startswith("imatch train ") and "/ablation/models/" in line]
+
+    plain, seeded = trainings(dry_run()), trainings(dry_run(str(seeds)))
+    assert len(plain) > 0 and len(seeded) == 2 * len(plain)
+    for line in seeded:
+        name = re.search(r"--out \S+/ablation/models/\S+\.seed(\d+)-r\d+ ", line)
+        assert name and f" --seed {name[1]} " in line, line
+    assert {re.search(r"--seed (\d+)", line)[1] for line in seeded} == {"0", "1"}

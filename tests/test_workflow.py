@@ -306,6 +306,40 @@ def test_ablation_rows_train_shared_variants_once_and_fill_the_tables(workflow, 
     assert planned_jobs(snakemake(wd, "-n", configs=[ablation])) == set()
 
 
+def test_ablation_seeds_train_one_model_per_seed_and_the_table_is_their_mean(workflow, tmp_path):
+    """`ablation.seeds: [0, 1]`: the row's model is trained once per seed, with that seed (ms-swift's
+    own record of its arguments), the two models score differently, and the table's SRCC is the
+    mean of the two models' SRCCs against the holdout's total scores, recomputed here from their
+    score tables with scipy; `sd` their sample standard deviation."""
+    from scipy.stats import spearmanr
+
+    from imatch import levels
+
+    wd, small = workflow
+    row = {"qalign": True, "validation": False, "element_levels": False, "image_augmentation": False}
+    rows = {"split": "holdout", "backbones": ["tiny-internvl"], "overall": [row], "element": [], "seeds": [0, 1]}
+    ablation = tmp_path / "seeds.yaml"
+    ablation.write_text(yaml.safe_dump({**SMALL, "ablation": rows}))
+    snakemake(wd, configs=[ablation])
+    models = sorted((wd / "results" / "ablation" / "models" / "tiny-internvl").glob("overall-*.seed*-r1"))
+    assert [m.name.rsplit(".", 1)[1] for m in models] == ["seed0-r1", "seed1-r1"]
+    srcc = []
+    samples = pd.read_parquet(wd / "results" / "data" / "samples.parquet")
+    truth = samples[samples["split"] == "holdout"].set_index("img_path")["total_score"]
+    expected = []
+    for seed, model in enumerate(models):
+        assert json.loads((model / "training.json").read_text())["swift_args"]["seed"] == seed
+        scores = pd.read_parquet(wd / "results" / "ablation" / "scores" / "tiny-internvl" / model.name / "scores.parquet")
+        seen = scores[(scores["view"] == "seen") & (scores["split"] == "holdout")].set_index("img_path")
+        expected.append(seen.loc[truth.index, "expected_level"].to_numpy())
+        srcc.append(spearmanr(truth.to_numpy(), levels.level_to_total(expected[-1]))[0])
+    assert not np.allclose(expected[0], expected[1])  # the seed changed the model
+    table = pd.read_csv(wd / "results" / "ablation" / "table_overall.tsv", sep="\t")
+    assert len(table) == 1 and str(table.loc[0, "seeds"]) == "0 1"
+    assert table.loc[0, "tiny-internvl srcc"] == pytest.approx(np.mean(srcc), abs=1e-4)  # the TSV keeps 4 decimals
+    assert table.loc[0, "tiny-internvl srcc sd"] == pytest.approx(np.std(srcc, ddof=1), abs=1e-4)
+
+
 def test_lint_is_clean(workflow):
     wd, small = workflow
     out = snakemake(wd, "--lint", configs=[small])

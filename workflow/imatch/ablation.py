@@ -60,18 +60,33 @@ def element_metrics(path: Path, samples: pd.DataFrame, elements: pd.DataFrame, s
 
 
 def ablation_table(kind: str, plan: list[dict], samples: Path, elements: Path, split: str, tau: float) -> pd.DataFrame:
-    """`plan`: one entry per (row, backbone): {"row": {flag: bool}, "backbone": name, "scores": path}."""
+    """`plan`: one entry per (row, backbone, seed): {"row": {flag: bool}, "backbone": name,
+    "scores": path} and, with `ablation.seeds`, "seed": N. Without seeds one value per backbone
+    and metric; with them the mean over the seeds, `<backbone> <metric> sd` (sample standard
+    deviation, ddof 1) and a `seeds` column."""
     s = pd.read_parquet(samples)
     e = pd.read_parquet(elements)
     rows: dict[tuple, dict] = {}
+    values: dict[tuple, dict[str, list[float]]] = {}
+    seeds: dict[tuple, list[int]] = {}
     for item in plan:
         flags = tuple(bool(item["row"][f]) for f in FLAGS[kind])
         if kind == "overall":
             metrics = overall_metrics(Path(item["scores"]), s, split, item["row"]["qalign"])
         else:
             metrics = element_metrics(Path(item["scores"]), s, e, split, tau)
-        out = rows.setdefault(flags, dict(zip(FLAGS[kind], flags)))
-        out.update({f"{item['backbone']} {name}": value for name, value in metrics.items()})
+        rows.setdefault(flags, dict(zip(FLAGS[kind], flags)))
+        for name, value in metrics.items():
+            values.setdefault(flags, {}).setdefault(f"{item['backbone']} {name}", []).append(value)
+        if "seed" in item and item["seed"] not in seeds.setdefault(flags, []):
+            seeds[flags].append(item["seed"])
+    for flags, out in rows.items():
+        for column, found in values[flags].items():
+            out[column] = float(np.mean(found))
+            if flags in seeds:
+                out[f"{column} sd"] = float(np.std(found, ddof=1)) if len(found) > 1 else float("nan")
+        if flags in seeds:
+            out["seeds"] = " ".join(map(str, sorted(seeds[flags])))
     return pd.DataFrame(list(rows.values()))
 
 
@@ -79,12 +94,14 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("ablation-table", help="the paper's Table 4 / 5 from the ablation models' scores",
                               description=__doc__)
     p.add_argument("--kind", choices=sorted(FLAGS), required=True, help="overall (Table 4) or element (Table 5)")
-    p.add_argument("--plan", required=True, help="JSON list of {row, backbone, scores} (written by the workflow)")
+    p.add_argument("--plan", required=True,
+                   help="JSON list of {row, backbone, scores[, seed]} (written by the workflow)")
     p.add_argument("--samples", type=Path, required=True)
     p.add_argument("--elements", type=Path, required=True)
     p.add_argument("--split", required=True, help="the labelled split the rows are compared on")
     p.add_argument("--tau", type=float, default=levels.DEFAULT_TAU)
-    p.add_argument("--out", type=Path, required=True, help="TSV: flags, then one column per backbone and metric")
+    p.add_argument("--out", type=Path, required=True,
+                   help="TSV: flags, then one column per backbone and metric (with seeds: their mean, sd and the seeds)")
     p.set_defaults(func=_run)
 
 

@@ -10,6 +10,7 @@ through dry runs.
 from __future__ import annotations
 
 import copy
+import re
 import shlex
 from pathlib import Path
 
@@ -355,12 +356,12 @@ class Plan:
         tiles = self.backbones[backbone]["max_tiles"]
         return "" if tiles is None else f"--max-tiles {tiles}"
 
-    def recipe_flags(self, backbone: str) -> str:
+    def recipe_flags(self, backbone: str, seed: int | None = None) -> str:
         """The recipe as `imatch train` flags (keys checked by config_checks). The placement keys
         (`QUIET_DEFAULTS`) are left out at their default: a config that does not use them keeps its
         jobs' commands, and Snakemake does not retrain a finished model for a flag that changes nothing."""
-        recipe = {k: v for k, v in sorted(self.recipe(backbone).items())
-                  if not (k in QUIET_DEFAULTS and v == QUIET_DEFAULTS[k])}
+        recipe = {**self.recipe(backbone), **({} if seed is None else {"seed": seed})}  # an ablation seed
+        recipe = {k: v for k, v in sorted(recipe.items()) if not (k in QUIET_DEFAULTS and v == QUIET_DEFAULTS[k])}
         return " ".join(f for f in (flags(recipe), self.tiles_flag(backbone)) if f)
 
     def score_flags(self, backbone: str) -> str:
@@ -394,10 +395,24 @@ class Plan:
     def ablation_level_rounds(self) -> set[str]:
         return {r for v, r in self.ablation_models["overall"] if self.variants.uses_element_levels(v.split(".")[0])}
 
+    def ablation_seeds(self) -> list[int | None]:
+        """The training seeds of every ablation model (`ablation.seeds`); [None]: the recipe's, once."""
+        return self.ablation.get("seeds") or [None]
+
+    @staticmethod
+    def seeded(variant: str, seed: int | None) -> str:
+        """An ablation model's name: its row's variant, `.seed<N>` when trained with seed N."""
+        return variant if seed is None else f"{variant}.seed{seed}"
+
+    def ablation_recipe_flags(self, backbone: str, model: str) -> str:
+        """The backbone's recipe flags with the seed of an ablation model named by `seeded`."""
+        found = re.search(r"\.seed(\d+)$", model)
+        return self.recipe_flags(backbone, seed=int(found[1]) if found else None)
+
     def ablation_sets(self, variant: str, round_: str) -> list[str]:
         """Training sets of an ablation model: its row's training set, and val pseudo-labelled by
-        the main round 1 for a round-2 row."""
-        qname, tname = variant.split(".")
+        the main round 1 for a round-2 row (`variant` with or without its seed)."""
+        qname, tname = variant.split(".")[:2]
         sets = [f"{self.results}/instructions/{qname}/train-{tname}.jsonl"]
         if round_ == "r2":
             sets.append(f"{self.results}/instructions/{qname}/val.pseudo-r1.jsonl")
@@ -413,10 +428,12 @@ class Plan:
         return {"seen": [f"{self.results}/instructions/{qname}/{name}.parquet"], "blank": []}
 
     def ablation_cells(self, task: str) -> list[dict]:
-        """(row, backbone, score table) of every cell of the table."""
-        return [{"row": row, "backbone": b, "scores": f"{self.results}/ablation/scores/{b}/{v}-{r}/scores.parquet"}
+        """(row, backbone, seed, score table) of every model of the table (the seed left out when
+        the recipe's: one model per row and backbone, as before seeds were a key)."""
+        return [{"row": row, "backbone": b, **({} if seed is None else {"seed": seed}),
+                 "scores": f"{self.results}/ablation/scores/{b}/{self.seeded(v, seed)}-{r}/scores.parquet"}
                 for row, (v, r) in zip(self.ablation[task], self.ablation_models[task])
-                for b in self.members(self.ablation["backbones"], "element")]
+                for b in self.members(self.ablation["backbones"], "element") for seed in self.ablation_seeds()]
 
     # ---- what `snakemake` builds by default ----------------------------------------------
 

@@ -16,7 +16,7 @@ use rule train as ablation_train with:
         arch=backbone_value("arch"),
         base=lambda w: PLAN.backbone_dir(w.backbone),
         scratch=lambda w: f"{RESULTS}/ablation/scratch/{w.backbone}/{w.variant}-{w.round}",
-        recipe=lambda w: PLAN.recipe_flags(w.backbone),
+        recipe=lambda w: PLAN.ablation_recipe_flags(w.backbone, w.variant),
 
 
 use rule score as ablation_score with:

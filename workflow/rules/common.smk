@@ -60,7 +60,7 @@ wildcard_constraints:
     model_predictor="|".join(map(re.escape, PLAN.model_predictors)),
     view="seen|blank",
     shard="[0-9]+",
-    variant=r"(overall|element)-[0-9a-f]{8}\.[0-9a-f]{8}",
+    variant=r"(overall|element)-[0-9a-f]{8}\.[0-9a-f]{8}(\.seed[0-9]+)?",  # ablation: + its seed
 
 
 def _module_file(name):
