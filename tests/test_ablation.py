@@ -82,3 +82,20 @@ def test_seeds_give_each_metric_its_mean_and_sample_sd_over_the_seeds(ingested, 
     assert len(table) == 1 and table.loc[0, "seeds"] == "0 1 2"
     assert table.loc[0, "m srcc"] == pytest.approx(np.mean(srcc), abs=1e-12)
     assert table.loc[0, "m srcc sd"] == pytest.approx(np.std(srcc, ddof=1), abs=1e-12) and table.loc[0, "m srcc sd"] > 0.01
+
+
+def test_a_row_listed_twice_does_not_shrink_its_seed_spread(ingested, tmp_path):
+    """The same row twice in the config (the same models): its sd is that of its seeds, not of the
+    seeds counted twice."""
+    samples, elements = (pd.read_parquet(p) for p in ingested)
+    truth = samples.loc[samples["split"] == "holdout", "total_score"].to_numpy()
+    flags = {"qalign": True, "validation": False, "element_levels": False, "image_augmentation": False}
+    plan = []
+    for seed, noise in ((0, 1.0), (1, 6.0)):
+        level = np.clip((truth - 1) / 4 * 14 + 1 + np.random.default_rng(seed).normal(0, noise, len(truth)), 1, 15)
+        path = tmp_path / f"s{seed}.parquet"
+        score_table(samples, elements, "holdout", "overall", level).to_parquet(path)
+        plan.append({"row": flags, "backbone": "m", "seed": seed, "scores": str(path)})
+    once = ablation_table("overall", plan, *ingested, "holdout", tau=3)
+    twice = ablation_table("overall", plan + plan, *ingested, "holdout", tau=3)
+    assert once.loc[0, "m srcc sd"] > 0 and twice.loc[0, "m srcc sd"] == pytest.approx(once.loc[0, "m srcc sd"])

@@ -67,7 +67,7 @@ def ablation_table(kind: str, plan: list[dict], samples: Path, elements: Path, s
     s = pd.read_parquet(samples)
     e = pd.read_parquet(elements)
     rows: dict[tuple, dict] = {}
-    values: dict[tuple, dict[str, list[float]]] = {}
+    values: dict[tuple, dict[str, dict]] = {}  # by the seed: a row listed twice counts once
     seeds: dict[tuple, list[int]] = {}
     for item in plan:
         flags = tuple(bool(item["row"][f]) for f in FLAGS[kind])
@@ -77,11 +77,12 @@ def ablation_table(kind: str, plan: list[dict], samples: Path, elements: Path, s
             metrics = element_metrics(Path(item["scores"]), s, e, split, tau)
         rows.setdefault(flags, dict(zip(FLAGS[kind], flags)))
         for name, value in metrics.items():
-            values.setdefault(flags, {}).setdefault(f"{item['backbone']} {name}", []).append(value)
+            values.setdefault(flags, {}).setdefault(f"{item['backbone']} {name}", {})[item.get("seed")] = value
         if "seed" in item and item["seed"] not in seeds.setdefault(flags, []):
             seeds[flags].append(item["seed"])
     for flags, out in rows.items():
-        for column, found in values[flags].items():
+        for column, by_seed in values[flags].items():
+            found = list(by_seed.values())
             out[column] = float(np.mean(found))
             if flags in seeds:
                 out[f"{column} sd"] = float(np.std(found, ddof=1)) if len(found) > 1 else float("nan")
