@@ -68,15 +68,10 @@ def test_compiled_blocks_train_the_eager_function_with_lora_dropout(overall_set,
 
 
 def _train_args(*flags):
-    import argparse
+    from imatch.cli import build_parser
 
-    from imatch import train
-
-    p = argparse.ArgumentParser()
-    sub = p.add_subparsers(dest="command")
-    train.add_parser(sub)
-    return p.parse_args(["train", "--arch", "qwen2_5_vl", "--model", "m", "--dataset", "d.jsonl", "--out", "o",
-                         "--scratch", "s", *flags])
+    return build_parser().parse_args(["train", "--arch", "qwen2_5_vl", "--model", "m", "--dataset", "d.jsonl",
+                                      "--out", "o", "--scratch", "s", *flags])
 
 
 @pytest.mark.parametrize("packed", [False, True])
