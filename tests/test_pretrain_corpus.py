@@ -20,14 +20,15 @@ from imatch import cli, demo_data, pretrain_corpus
 SHAPES = ["circle", "square", "triangle", "star", "ring"]
 COLOURS = list(demo_data.COLOURS)
 WORDS = {"colour": set(COLOURS), "shape": set(SHAPES), "count": {"zero", "one", "two", "three", "four"},
-         "position": {"left", "right", "top", "bottom"}, "relation": {"yes", "no", *SHAPES}, "presence": {"yes", "no"}}
+         "position": {"left", "right", "top", "bottom"}, "relation": {"yes", "no", *SHAPES}, "presence": {"yes", "no"},
+         "has_shape": {"yes", "no"}, "has_colour": {"yes", "no"}}
 NUMBERS = {w: n for n, w in enumerate(["zero", "one", "two", "three", "four"])} | {"a": 1}
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("corpus") / "c"
-    pretrain_corpus.generate(out, seed=7, n_scenes=60, image_size=128)
+    pretrain_corpus.generate(out, seed=7, n_scenes=60, image_size=128, single_attribute=True)
     return out
 
 
@@ -111,6 +112,10 @@ def truth(question: str, objects: list[dict], size: int) -> str:
         return found[0][1]
     if m := re.fullmatch(rf"Is there a ({C}) ({S})\?", question):
         return "yes" if _pick(objects, m[1], m[2]) else "no"
+    if m := re.fullmatch(rf"Is there a ({S})\?", question):
+        return "yes" if _pick(objects, shape=m[1]) else "no"
+    if m := re.fullmatch(rf"Is there anything ({C})\?", question):
+        return "yes" if _pick(objects, colour=m[1]) else "no"
     raise AssertionError(f"no checker for {question!r}")
 
 
@@ -123,7 +128,7 @@ def test_every_answer_is_true_of_the_pixels(corpus):
         objects = seen.setdefault(r.image, perceive(corpus / r.image))
         assert r.answer in WORDS[r.type], r  # one word from the type's closed set
         assert truth(r.query.removeprefix("<image>"), objects, 128) == r.answer, (r.image, r.query, r.answer)
-    assert set(table["type"]) == set(pretrain_corpus.QUESTION_TYPES)
+    assert set(table["type"]) == set(pretrain_corpus.QUESTION_TYPES + pretrain_corpus.SINGLE_ATTRIBUTE_TYPES)
     assert set(table.loc[table["type"] == "relation", "answer"]) > {"yes", "no"}  # "what shape is ..." too
 
 
@@ -210,6 +215,7 @@ def test_rows_have_ms_swift_s_shape_and_match_the_table(corpus):
     assert summary["rows"] == len(table) and summary["scenes"] == 60
     assert summary["per_type"] == table["type"].value_counts().to_dict() | {}
     assert summary["answers"]["presence"] == {"no": 60, "yes": 60}
+    assert summary["answers"]["has_shape"] == summary["answers"]["has_colour"] == {"no": 60, "yes": 60}
 
 
 @pytest.mark.parametrize("flag, value", [("--scenes", "0"), ("--scenes", "many"), ("--image-size", "32")])
@@ -248,3 +254,31 @@ def test_the_demo_data_bytes_are_unchanged_by_the_shared_drawing_code(tmp_path):
             h.update(str(p.relative_to(out)).encode())
             h.update(p.read_bytes())
     assert h.hexdigest() == "9feb526f261a5b717126a384d7202fa8372a6b8f0959e4116b098f474ea20aef"
+
+
+def test_the_bytes_do_not_depend_on_the_python_process_and_single_attribute_rows_only_add(tmp_path):
+    """The same seed in two Python processes with other str hashing (PYTHONHASHSEED) writes the same
+    bytes: iterating a set of shape names made the "no" of the presence pairs, and so the corpus the
+    shipped backbones were pretrained on, depend on the process (found 2026-12-01). And
+    --single-attribute adds its rows without changing a byte of the others."""
+    import os
+    import subprocess
+    import sys
+
+    workflow = Path(pretrain_corpus.__file__).parents[1]
+    digests = []
+    for k, (hash_seed, extra) in enumerate((("0", []), ("1", []), ("2", ["--single-attribute"]))):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(workflow)}
+        subprocess.run([sys.executable, "-m", "imatch", "pretrain-corpus", "--out", str(tmp_path / f"c{k}"), "--seed", "1",
+                        "--scenes", "150", *extra], env=env, check=True, capture_output=True)
+        digests.append(hashlib.sha256((tmp_path / f"c{k}" / "corpus.jsonl").read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+    plain = pd.read_parquet(tmp_path / "c0" / "corpus.parquet")
+    both = pd.read_parquet(tmp_path / "c2" / "corpus.parquet")
+    assert set(plain["type"]) == set(pretrain_corpus.QUESTION_TYPES)
+    kept = both[~both["type"].isin(pretrain_corpus.SINGLE_ATTRIBUTE_TYPES)].reset_index(drop=True)
+    assert kept.drop(columns="id").equals(plain.drop(columns="id"))  # ids count the scene's questions
+    assert (both["type"].isin(pretrain_corpus.SINGLE_ATTRIBUTE_TYPES)).sum() == 4 * 150
+    for k in range(150):
+        name = f"images/{k:06d}.png"
+        assert (tmp_path / "c0" / name).read_bytes() == (tmp_path / "c2" / name).read_bytes()

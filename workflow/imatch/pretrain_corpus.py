@@ -6,7 +6,8 @@ them for alignment; this corpus gives the tiny backbones the same start, in the 
 world. Each scene is drawn with the demo generator's drawing code (`demo_data`: its colours,
 shapes, grid and `_draw_shape`), exactly as specified (no simulated T2I errors), and comes with a
 caption that describes all that was drawn and short-answer questions about colour, shape, count,
-position, relation and presence. Answers are single words where possible (dense targets); the
+position, relation and presence (of a colour and shape together; with `--single-attribute` also of a
+shape alone and of a colour alone, the demo elements' question). Answers are single words where possible (dense targets); the
 yes/no questions come in pairs, one "yes" and one "no" about the same image, so they are balanced.
 
 Disjoint from the demo data: scene k of seed S is drawn from
@@ -47,6 +48,8 @@ SHAPE_WORDS = {s: s.split(" (")[0] for s in demo_data.SHAPES}  # "ring (donut)" 
 RELATION_WORDS = ["left of", "right of", "above", "below"]
 CAPTION_QUERIES = ["Describe the image.", "What does the picture show?", "Write a caption for this image."]
 QUESTION_TYPES = ["caption", "colour", "shape", "count", "position", "relation", "presence"]
+# with --single-attribute: presence of one attribute alone, what the demo's elements ask ("circle (object)")
+SINGLE_ATTRIBUTE_TYPES = ["has_shape", "has_colour"]
 
 
 @dataclass
@@ -132,7 +135,7 @@ def _half(g: Group, axis: int) -> int | None:
     return halves.pop() if len(halves) == 1 else None
 
 
-def _questions(groups: list[Group], rng: np.random.Generator) -> list[tuple[str, str, str]]:
+def _questions(groups: list[Group], rng: np.random.Generator, single_attribute: bool = False) -> list[tuple[str, str, str]]:
     """(type, question, answer) for one scene: at most two per type, yes/no ones in yes+no pairs."""
     out: list[tuple[str, str, str]] = []
 
@@ -184,11 +187,27 @@ def _questions(groups: list[Group], rng: np.random.Generator) -> list[tuple[str,
     # both in the image but not together
     pairs = {(g.colour, g.shape) for g in groups}
     g = groups[int(rng.integers(len(groups)))]
-    mixed = [(c, s) for c in (x.colour for x in groups) for s in drawn if (c, s) not in pairs]
+    # in the groups' order: iterating the set `drawn` would follow str hashing, which differs from
+    # one Python process to the next (PYTHONHASHSEED), and so would the corpus
+    mixed = [(c, x.shape) for c in (y.colour for y in groups) for x in groups if (c, x.shape) not in pairs]
     other = [(c, s) for c in demo_data.COLOURS for s in SHAPE_WORDS.values() if (c, s) not in pairs]
     pool = mixed if mixed and rng.random() < 0.5 else other
     c, s = pool[int(rng.integers(len(pool)))]
     pair = [("presence", f"Is there a {g.colour} {g.shape}?", "yes"), ("presence", f"Is there a {c} {s}?", "no")]
+    out += [pair[int(k)] for k in rng.permutation(2)]
+    if not single_attribute:
+        return out
+    # one attribute alone (what the demo's elements ask: "circle (object)", "blue (color)"): a drawn
+    # shape and an absent one, a drawn colour and an absent one; drawn after the questions above,
+    # so the scenes and the other questions are those of a corpus without them
+    shown = groups[int(rng.integers(len(groups)))]
+    pair = [("has_shape", f"Is there a {shown.shape}?", "yes"),
+            ("has_shape", f"Is there a {absent[int(rng.integers(len(absent)))]}?", "no")]
+    out += [pair[int(k)] for k in rng.permutation(2)]
+    shown = groups[int(rng.integers(len(groups)))]
+    missing = [x for x in demo_data.COLOURS if x not in {g.colour for g in groups}]
+    pair = [("has_colour", f"Is there anything {shown.colour}?", "yes"),
+            ("has_colour", f"Is there anything {missing[int(rng.integers(len(missing)))]}?", "no")]
     out += [pair[int(k)] for k in rng.permutation(2)]
     return out
 
@@ -204,7 +223,8 @@ def scene_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([NAMESPACE, seed, index])
 
 
-def generate(out: Path, *, seed: int = 1, n_scenes: int = 2000, image_size: int = 128) -> dict:
+def generate(out: Path, *, seed: int = 1, n_scenes: int = 2000, image_size: int = 128,
+             single_attribute: bool = False) -> dict:
     """Write the corpus to `out` (atomically, as a whole folder); return its summary."""
     if n_scenes < 1:
         raise ValueError(f"--scenes must be at least 1 (got {n_scenes})")
@@ -220,10 +240,11 @@ def generate(out: Path, *, seed: int = 1, n_scenes: int = 2000, image_size: int 
             img = _draw(groups, rng, image_size)
             name = f"images/{k:0{width}d}.png"
             (tmp / name).write_bytes(demo_data._png_bytes(img))
-            for qi, (qtype, question, answer) in enumerate(_questions(groups, rng)):
+            for qi, (qtype, question, answer) in enumerate(_questions(groups, rng, single_attribute)):
                 rows.append({"id": f"{k:0{width}d}-{qi:02d}", "scene": k, "image": name, "type": qtype,
                              "query": f"<image>{question}", "answer": answer})
         table = pd.DataFrame(rows, columns=["id", "scene", "image", "type", "query", "answer"])
+        types = QUESTION_TYPES + (SINGLE_ATTRIBUTE_TYPES if single_attribute else [])
         write_parquet(table, tmp / "corpus.parquet")
         with open(tmp / "corpus.jsonl", "w", encoding="utf-8") as fh:
             for row in swift_rows(table):
@@ -236,9 +257,9 @@ def generate(out: Path, *, seed: int = 1, n_scenes: int = 2000, image_size: int 
             "scenes": n_scenes,
             "image_size": image_size,
             "rows": len(table),
-            "per_type": {t: int((table["type"] == t).sum()) for t in QUESTION_TYPES},
+            "per_type": {t: int((table["type"] == t).sum()) for t in types},
             "answers": {t: {a: int(n) for a, n in sorted(table.loc[table["type"] == t, "answer"].value_counts().items())}
-                        for t in QUESTION_TYPES if t != "caption"},
+                        for t in types if t != "caption"},
             "sha256": {f: hashlib.sha256((tmp / f).read_bytes()).hexdigest() for f in ("corpus.jsonl", "corpus.parquet")},
         }
         write_json(summary, tmp / "summary.json")
@@ -275,10 +296,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--scenes", type=_at_least(1, "--scenes"), default=2000, help="number of images (scenes)")
     p.add_argument("--image-size", type=_at_least(MIN_IMAGE_SIZE, "--image-size"), default=128,
                    help=f"square image side in pixels (at least {MIN_IMAGE_SIZE})")
+    p.add_argument("--single-attribute", action="store_true",
+                   help="also ask for one attribute alone, a yes/no pair each per scene: 'Is there a circle?' "
+                        "(has_shape), 'Is there anything blue?' (has_colour); the other rows stay the same bytes")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
-    summary = generate(args.out, seed=args.seed, n_scenes=args.scenes, image_size=args.image_size)
+    summary = generate(args.out, seed=args.seed, n_scenes=args.scenes, image_size=args.image_size,
+                       single_attribute=args.single_attribute)
     print(json.dumps({k: summary[k] for k in ("scenes", "rows", "per_type")}))
     return 0
