@@ -94,7 +94,8 @@ FILLER_ENV = "IMATCH_FILLER_ROWS"  # "start:stop": rows of the input embedding k
 FILLER_RECORD_ENV = "IMATCH_FILLER_RECORD"  # where the callback writes what it checked
 FILLER_PREFIX = "<|filler_"
 RECORD = "pretraining.json"
-QUESTION_TYPES = ["colour", "shape", "count", "position", "relation", "presence"]
+DEFAULT_TYPES = ["colour", "shape", "count", "position", "relation", "presence"]
+QUESTION_TYPES = [*DEFAULT_TYPES, "has_shape", "has_colour"]  # the last two: a corpus made with --single-attribute
 
 
 # ---------------------------------------------------------------- filler rows (Qwen2.5-VL)
@@ -232,7 +233,7 @@ def _table(corpus: Path):
 def swift_command(args, arch: archs.Arch, model: Path, dataset: Path, output_dir: Path) -> list[str]:
     plugins = [swift_log.__file__, *([arch.plugin] if arch.plugin else []), __file__]
     return [
-        *train.swift_sft(arch, model, [dataset], output_dir, workers=0),
+        *train.swift_sft(arch, model, [dataset], output_dir, workers=args.workers),
         "--tuner_type", "full", "--freeze_vit", "false", "--freeze_aligner", "false",
         "--learning_rate", str(args.learning_rate), "--weight_decay", str(args.weight_decay),
         "--warmup_ratio", str(args.warmup_ratio), "--lr_scheduler_type", args.lr_scheduler,
@@ -268,7 +269,8 @@ def pretrain(args) -> dict:
     n_rows = absolute_rows(corpus, dataset, args.types)
     env = {**os.environ, **arch.swift_environment(args.max_pixels, args.max_tiles)}
     env.pop("NPROC_PER_NODE", None)
-    env["CUDA_VISIBLE_DEVICES"] = ""  # CPU: the byte-determinism is a CPU property
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the byte-determinism is a CPU property
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     env[FILLER_ENV] = f"{rows[0]}:{rows[1]}" if rows else "0:0"
@@ -295,7 +297,10 @@ def pretrain(args) -> dict:
                           "corpus_sha256": summary.get("sha256"), "rows": n_rows, "types": args.types},
         "recipe": {k: getattr(args, k) for k in ("steps", "learning_rate", "weight_decay", "warmup_ratio",
                                                  "lr_scheduler", "batch_size", "max_length", "max_pixels",
-                                                 "max_tiles", "threads")},
+                                                 "max_tiles", "threads")}
+                  # a GPU run says so; a CPU run's record stays the shipped files' (data-loading
+                  # processes change no byte: the sampler alone orders the rows)
+                  | ({"device": args.device} if args.device != "cpu" else {}),
         "filler_rows": list(rows) if rows else None,
         "filler_check": json.loads(check.read_text()) if check.is_file() else None,
         "loss_curve": curve,
@@ -375,7 +380,8 @@ def blind_baselines(train_corpus: Path | None, table) -> dict:
 
 
 def evaluate(arch_name: str, model_dir: Path, corpus: Path, *, max_pixels: int, max_tiles: int | None = None,
-             limit: int = 0, batch_size: int = 32, train_corpus: Path | None = None, seed: int = 0) -> dict:
+             limit: int = 0, batch_size: int = 32, train_corpus: Path | None = None, seed: int = 0,
+             device: str = "cpu") -> dict:
     """Greedy answers of `model_dir` to the questions of `corpus` (not its captions)."""
     import numpy as np
     import torch
@@ -392,7 +398,7 @@ def evaluate(arch_name: str, model_dir: Path, corpus: Path, *, max_pixels: int, 
         table = table.reset_index(drop=True)
     os.environ.update(arch.swift_environment(max_pixels, max_tiles))
     torch.manual_seed(seed)
-    model, processor, template = score.load(Path(model_dir), arch, device="cpu", dtype="float32",
+    model, processor, template = score.load(Path(model_dir), arch, device=device, dtype="float32",
                                             max_pixels=max_pixels, max_tiles=max_tiles, varlen=False,
                                             allow_unsealed=True)
     engine = TransformersEngine(model, template=template, max_batch_size=batch_size)
@@ -444,10 +450,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--max-pixels", type=int, default=16384, help="image budget (the demo's: 128 x 128)")
     p.add_argument("--max-tiles", type=int, default=None)
-    p.add_argument("--types", nargs="+", default=QUESTION_TYPES, choices=["caption", *QUESTION_TYPES],
-                   help="row types to train on (default: the six question types; with the captions the "
-                        "tiny InternVL learnt no colour in 2000 steps, without them it began to)")
+    p.add_argument("--types", nargs="+", default=DEFAULT_TYPES, choices=["caption", *QUESTION_TYPES],
+                   help="row types to train on (default: the six question types of every corpus; with the "
+                        "captions the tiny InternVL learnt no colour in 2000 steps, without them it began to; "
+                        "has_shape and has_colour need a corpus made with --single-attribute)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where swift trains: cpu (the shipped files; same bytes for the same thread count) or "
+                        "cuda (the visible GPU; faster, not byte-reproducible on a CPU)")
+    p.add_argument("--workers", type=int, default=0, help="data-loading processes of swift (0: in the trainer's)")
     p.add_argument("--logging-steps", type=int, default=10)
     p.add_argument("--pack", type=Path, help="also write the backbone as one deflated zip to ship")
     p.add_argument("--eval-corpus", type=Path, help="held-out corpus (another seed): report accuracy per type")
@@ -476,7 +487,7 @@ def _run(args) -> int:
     print(json.dumps({"wall_seconds": record["wall_seconds"], "final": last}))
     if args.eval_corpus:
         report = evaluate(args.arch, args.out, args.eval_corpus, max_pixels=args.max_pixels, max_tiles=args.max_tiles,
-                          limit=args.eval_limit, train_corpus=args.corpus)
+                          limit=args.eval_limit, train_corpus=args.corpus, device=args.device)
         print(format_report(report))
         write_json(report, args.out.with_name(args.out.name + ".eval.json"))
     return 0
