@@ -73,6 +73,14 @@ question rows, held out: all 2174 questions of seed 2; accuracy / majority / sam
 - seconds per step (batch 16, questions only, alone on the cores): InternVL 0.23, Ovis2 0.16,
   Qwen2.5-VL 0.69 (its 151,665-row tied head; 4000 steps ~ 46 min).
 - shipped sizes (`--pack`): InternVL 2.3 MB, Ovis2 2.5 MB, Qwen2.5-VL 3.1 MB (82 MB unpacked).
+
+On a GPU (`--device cuda`, H200, `benchmarks/results/2026-12-01-h200-pretrain-sweep/`; a corpus of
+4000 scenes with the single-attribute questions, the eight types): no run answered "Is there a
+circle?" / "Is there anything blue?" other than with one constant after 3000 steps, whatever the
+size or rate; after 8000 steps two of three tiny InternVL runs did (lr 1e-3: has_shape 0.788,
+presence 0.694; lr 5e-4: has_colour 0.758, colour 0.543; majority 0.556 / 0.503 / 0.553 / 0.272),
+the same recipes at 9000 steps did not. The has_* questions alone learnt nothing; lr 2e-3 and a
+wider InternVL stayed at the plateau. ~0.04 s a step there, 6-8 runs side by side.
 """
 
 from __future__ import annotations
