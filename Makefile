@@ -42,7 +42,7 @@ reliability: $(STAMP)
 
 # The shipped pretrained tiny backbones (pretrained/, `source: pretrained`), regenerated on the CPU:
 # the corpus (seed 1, 2000 scenes), then each architecture's pretraining with two threads (the
-# bytes depend on the thread count; 56 minutes on 2 cores: Qwen2.5-VL's 151,665-row head makes its
+# bytes depend on the thread count; 49 minutes on 2 cores: Qwen2.5-VL's 151,665-row head makes its
 # step 3x slower, so it takes 1500 steps, past the loss plateau the others reach by step 400), each
 # packed, and the folder resealed; `git diff --stat pretrained/` then says whether anything changed.
 # A held-out check (corpus seed 2) is printed for each.

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 from imatch import archs, backbone, cli, integrity, pretrain_corpus, pretrain_tiny, score
 from imatch.errors import InputError
 
+SHIPPED = Path(__file__).resolve().parents[1] / "pretrained"
 SHORT = ["--steps", "3", "--batch-size", "2", "--logging-steps", "1", "--threads", "1", "--max-length", "512"]
 
 
@@ -55,6 +57,10 @@ def test_the_same_command_writes_the_same_bytes_and_the_weights_move(corpus, tmp
     record = json.loads((outs[0] / pretrain_tiny.RECORD).read_text())
     assert [row["step"] for row in record["loss_curve"]] == [1, 2, 3]
     assert record["filler_rows"] is None  # InternVL's vocabulary has no fillers
+    # a CPU run records what the shipped files record, no more (so `make pretrained` can write their bytes)
+    with zipfile.ZipFile(SHIPPED / "tiny-internvl.zip") as zf:
+        shipped = json.loads(zf.read(pretrain_tiny.RECORD))
+    assert set(record) == set(shipped) and set(record["recipe"]) == set(shipped["recipe"])
     # trained: not the random build of the same seed
     random = tmp_path / "random"
     archs.get("internvl").build(random, size="tiny", seed=0)
@@ -162,8 +168,12 @@ def test_the_shipped_backbones_match_their_manifest_are_small_and_say_what_made_
     """pretrained/ (the embedded default's `source: pretrained`): every file listed in its manifest
     with the bytes recorded there, nothing unlisted, each packed backbone at most 25 MB, and each
     one, unpacked, a sealed backbone of its architecture pretrained by `make pretrained`'s recipe."""
-    folder = Path(__file__).resolve().parents[1] / "pretrained"
+    folder = SHIPPED
     assert integrity.verify(folder, required=True) == 4  # the three backbones and the README
+    # the corpus they say they were pretrained on is the one `make pretrained` writes today
+    corpus = tmp_path / "corpus"
+    pretrain_corpus.generate(corpus, seed=1, n_scenes=2000)
+    made = json.loads((corpus / "summary.json").read_text())["sha256"]
     for arch, steps in (("internvl", 4000), ("ovis2", 4000), ("qwen2_5_vl", 1500)):
         packed = folder / f"tiny-{arch}.zip"
         assert packed.stat().st_size <= 25_000_000
@@ -173,6 +183,7 @@ def test_the_shipped_backbones_match_their_manifest_are_small_and_say_what_made_
         assert info == {"arch": arch, "size": "tiny", "seed": 0, "random_weights": False, "pretrained": pretrain_tiny.RECORD}
         record = json.loads((out / pretrain_tiny.RECORD).read_text())
         assert record["pretrained_on"]["corpus_seed"] == 1 and record["pretrained_on"]["corpus_scenes"] == 2000
+        assert record["pretrained_on"]["corpus_sha256"] == made, arch
         assert record["recipe"]["steps"] == steps and record["recipe"]["threads"] == 2
         assert record["loss_curve"][-1]["step"] == steps
         assert record["loss_curve"][-1]["loss"] < 0.5 * record["loss_curve"][0]["loss"]
