@@ -6,9 +6,10 @@ them for alignment; this corpus gives the tiny backbones the same start, in the 
 world. Each scene is drawn with the demo generator's drawing code (`demo_data`: its colours,
 shapes, grid and `_draw_shape`), exactly as specified (no simulated T2I errors), and comes with a
 caption that describes all that was drawn and short-answer questions about colour, shape, count,
-position, relation and presence (of a colour and shape together; with `--single-attribute` also of a
-shape alone and of a colour alone, the demo elements' question). Answers are single words where possible (dense targets); the
-yes/no questions come in pairs, one "yes" and one "no" about the same image, so they are balanced.
+position, relation and presence (of a colour and a shape together; with `--single-attribute` also
+of a shape alone and of a colour alone, what the demo's elements ask). Answers are single words
+where possible (dense targets); the yes/no questions come in pairs, one "yes" and one "no" about
+the same image, so they are balanced.
 
 Disjoint from the demo data: scene k of seed S is drawn from
 `np.random.default_rng([NAMESPACE, S, k])`, a random stream that `demo_data` (which seeds

@@ -306,8 +306,8 @@ def pretrain(args) -> dict:
         "recipe": {k: getattr(args, k) for k in ("steps", "learning_rate", "weight_decay", "warmup_ratio",
                                                  "lr_scheduler", "batch_size", "max_length", "max_pixels",
                                                  "max_tiles", "threads")}
-                  # a GPU run says so; a CPU run's record stays the shipped files' (data-loading
-                  # processes change no byte: the sampler alone orders the rows)
+                  # a GPU run says so; a CPU run's record keeps the shipped files' keys (the number
+                  # of data-loading processes is in the swift command below)
                   | ({"device": args.device} if args.device != "cpu" else {}),
         "filler_rows": list(rows) if rows else None,
         "filler_check": json.loads(check.read_text()) if check.is_file() else None,
@@ -466,7 +466,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where swift trains: cpu (the shipped files; same bytes for the same thread count) or "
                         "cuda (the visible GPU; faster, not byte-reproducible on a CPU)")
-    p.add_argument("--workers", type=int, default=0, help="data-loading processes of swift (0: in the trainer's)")
+    p.add_argument("--workers", type=int, default=0, help="data-loading processes of swift (0: in the trainer's; the number is in the recorded command)")
     p.add_argument("--logging-steps", type=int, default=10)
     p.add_argument("--pack", type=Path, help="also write the backbone as one deflated zip to ship")
     p.add_argument("--eval-corpus", type=Path, help="held-out corpus (another seed): report accuracy per type")
