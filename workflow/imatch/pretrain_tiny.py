@@ -466,7 +466,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where swift trains: cpu (the shipped files; same bytes for the same thread count) or "
                         "cuda (the visible GPU; faster, not byte-reproducible on a CPU)")
-    p.add_argument("--workers", type=int, default=0, help="data-loading processes of swift (0: in the trainer's; the number is in the recorded command)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="data-loading processes of swift (0: in the trainer's; the number is in the recorded command)")
     p.add_argument("--logging-steps", type=int, default=10)
     p.add_argument("--pack", type=Path, help="also write the backbone as one deflated zip to ship")
     p.add_argument("--eval-corpus", type=Path, help="held-out corpus (another seed): report accuracy per type")
