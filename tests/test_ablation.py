@@ -8,7 +8,7 @@ import pytest
 from scipy.stats import spearmanr
 
 from imatch import levels
-from imatch.ablation import ablation_table
+from imatch.ablation import ablation_effects, ablation_table
 
 
 def score_table(samples, elements, split, task, expected, argmax=None):
@@ -99,3 +99,68 @@ def test_a_row_listed_twice_does_not_shrink_its_seed_spread(ingested, tmp_path):
     once = ablation_table("overall", plan, *ingested, "holdout", tau=3)
     twice = ablation_table("overall", plan + plan, *ingested, "holdout", tau=3)
     assert once.loc[0, "m srcc sd"] > 0 and twice.loc[0, "m srcc sd"] == pytest.approx(once.loc[0, "m srcc sd"])
+
+
+def test_effects_pair_the_seeds_and_say_whether_the_papers_direction_holds(ingested, tmp_path):
+    """Two rows (element levels off / on) x three seeds x two backbones: each effect is the mean of
+    the per-seed differences of the judge's SRCC, its sd and a paired t-test recomputed here with
+    scipy; a change far larger than the seeds' spread "holds", a change of a few ranks is "within
+    noise"; ensembling is the SRCC of the backbones' mean level minus the mean of their SRCCs."""
+    from scipy.stats import ttest_rel
+
+    samples, elements = (pd.read_parquet(p) for p in ingested)
+    truth = samples.loc[samples["split"] == "holdout", "total_score"].to_numpy()
+    perfect = (truth - 1) / 4 * 14 + 1
+    off = {"qalign": True, "validation": False, "element_levels": False, "image_augmentation": False}
+    on = {**off, "element_levels": True}
+    noise = {"a": {False: 8.0, True: 1.0}, "b": {False: 4.0, True: 4.0}}  # a improves, b does not
+    plan, level, srcc = [], {}, {}
+    for b in ("a", "b"):
+        for row in (off, on):
+            for seed in (0, 1, 2):
+                rng = np.random.default_rng([seed, row["element_levels"], ord(b)])
+                lv = np.clip(perfect + rng.normal(0, noise[b][row["element_levels"]], len(truth)), 1, 15)
+                path = tmp_path / f"{b}-{row['element_levels']}-{seed}.parquet"
+                score_table(samples, elements, "holdout", "overall", lv).to_parquet(path)
+                plan.append({"row": row, "backbone": b, "seed": seed, "scores": str(path)})
+                level[b, row["element_levels"], seed] = lv
+                srcc[b, row["element_levels"], seed] = spearmanr(truth, levels.level_to_total(lv))[0]
+    effects = ablation_effects("overall", plan, *ingested, "holdout", tau=3)
+
+    row = effects[(effects["component"] == "element_levels") & (effects["metric"] == "srcc")].set_index("model")
+    assert set(row.index) == {"a", "b", "ensemble"} and (row["from"] == "qalign").all()
+    assert (row["to"] == "qalign+element_levels").all()
+    for b in ("a", "b"):
+        before = [srcc[b, False, s] for s in range(3)]
+        after = [srcc[b, True, s] for s in range(3)]
+        diff = np.subtract(after, before)
+        assert row.loc[b, "effect"] == pytest.approx(diff.mean(), abs=1e-12)
+        assert row.loc[b, "sd"] == pytest.approx(diff.std(ddof=1), abs=1e-12) and row.loc[b, "seeds"] == 3
+        assert row.loc[b, "p"] == pytest.approx(ttest_rel(after, before).pvalue, rel=1e-9)
+    assert row.loc["a", "verdict"] == "holds" and row.loc["a", "effect"] > 0.2
+    assert row.loc["b", "verdict"] == "within noise"
+
+    ens = effects[(effects["component"] == "ensembling") & (effects["metric"] == "srcc")].set_index("to")
+    for flag, label in ((False, "qalign"), (True, "qalign+element_levels")):
+        mean_members = [np.mean([srcc["a", flag, s], srcc["b", flag, s]]) for s in range(3)]
+        ensemble = [spearmanr(truth, levels.level_to_total((level["a", flag, s] + level["b", flag, s]) / 2))[0]
+                    for s in range(3)]
+        assert ens.loc[label, "effect"] == pytest.approx(np.mean(np.subtract(ensemble, mean_members)), abs=1e-12)
+        assert ens.loc[label, "p"] == pytest.approx(ttest_rel(ensemble, mean_members).pvalue, rel=1e-9)
+
+
+def test_one_seed_gives_an_effect_without_a_verdict(ingested, tmp_path):
+    samples, elements = (pd.read_parquet(p) for p in ingested)
+    truth = samples.loc[samples["split"] == "holdout", "total_score"].to_numpy()
+    plan, srcc = [], []
+    for flag, lv in ((False, np.full(len(truth), 8.0)), (True, (truth - 1) / 4 * 14 + 1)):
+        lv = lv + np.arange(len(truth)) * 1e-6  # the constant row: the images' order, no ties
+        srcc.append(spearmanr(truth, levels.level_to_total(lv))[0])
+        path = tmp_path / f"{flag}.parquet"
+        score_table(samples, elements, "holdout", "overall", lv).to_parquet(path)
+        plan.append({"row": {"qalign": True, "validation": False, "element_levels": False, "image_augmentation": flag},
+                     "backbone": "m", "scores": str(path)})
+    effects = ablation_effects("overall", plan, *ingested, "holdout", tau=3)
+    srcc_of, srcc = srcc, effects[effects["metric"] == "srcc"].iloc[0]
+    assert srcc["component"] == "image_augmentation" and srcc["verdict"] == "one seed" and srcc["seeds"] == 1
+    assert srcc["effect"] == pytest.approx(srcc_of[1] - srcc_of[0], abs=1e-12) and srcc["effect"] > 0.5

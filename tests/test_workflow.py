@@ -303,6 +303,10 @@ def test_ablation_rows_train_shared_variants_once_and_fill_the_tables(workflow, 
     assert list(overall["qalign"]) == [False, True] and {"tiny-internvl srcc", "tiny-internvl plcc"} <= set(overall)
     element = pd.read_csv(wd / "results" / "ablation" / "table_element.tsv", sep="\t")
     assert element["tiny-internvl acc"].between(0, 1).all()
+    effects = pd.read_csv(wd / "results" / "ablation" / "effects_overall.tsv", sep="\t")
+    qalign = effects[(effects["component"] == "qalign") & (effects["metric"] == "srcc")].iloc[0]
+    assert (qalign["from"], qalign["to"], qalign["verdict"]) == ("base", "qalign", "one seed")
+    assert qalign["effect"] == pytest.approx(overall["tiny-internvl srcc"].diff().iloc[1], abs=2e-4)
     assert planned_jobs(snakemake(wd, "-n", configs=[ablation])) == set()
 
 

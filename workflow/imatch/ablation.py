@@ -7,7 +7,17 @@ and writes one row per ablation row, one column per backbone and metric, with th
 functions: SRCC and PLCC (logistic fitted from ground truth to prediction, as the official
 script does) of the total score, ACC of the element hits (ground truth >= 0.5 vs expected level
 > tau). `qalign: false` reads the model's most likely letter instead of the expectation over
-all fifteen (Eq. 5-7): the same model without the QAlign read-out.
+all fifteen (Eq. 5-7): the same model without the QAlign read-out. With several backbones an
+`ensemble` column scores the mean of their levels per row (and seed), as the workflow's ensemble
+does with `weights: mean`.
+
+`--effects`: what the paper's tables are read for, the effect of each augmentation. For every pair
+of rows that differ in one switch turned on, the change of each metric, paired by seed (the same
+seed trains both rows' models), with its sample standard deviation over the seeds and a paired
+t-test (scipy); and, in Table 4, ensembling: the ensemble's metric minus the mean of its members'
+in each row. The paper reports every one of these as an improvement; the verdict says whether the
+seeds show that ("holds", p < 0.05), the opposite ("reversed"), or cannot tell ("within noise";
+"one seed" without `ablation.seeds`).
 """
 
 from __future__ import annotations
@@ -23,6 +33,9 @@ from imatch.atomic import write_text
 from imatch.errors import InputError
 from imatch.evaluate import HIT_THRESHOLD, plcc_official
 
+ENSEMBLE = "ensemble"
+SIGNIFICANCE = 0.05  # two-sided paired t-test over the seeds
+
 FLAGS = {"overall": ["qalign", "validation", "element_levels", "image_augmentation"],
          "element": ["prompt_type", "score_perturbation"]}
 
@@ -36,27 +49,78 @@ def _scores(path: Path, split: str, expected_ids: pd.Index) -> pd.DataFrame:
     return table.set_index("id").loc[expected_ids]
 
 
-def overall_metrics(path: Path, samples: pd.DataFrame, split: str, qalign: bool) -> dict:
-    from scipy.stats import spearmanr
-
+def _overall_levels(path: Path, samples: pd.DataFrame, split: str, qalign: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(total score, level read) of the split's images, in the samples' order."""
     truth = samples.loc[samples["split"] == split].set_index("img_path")["total_score"]
     if truth.isna().any():
         raise InputError("samples.parquet", f"the {split} split is not labelled", f"img_path={truth.index[truth.isna()][0]!r}")
     table = _scores(path, split, pd.Index(truth.index))
     level = table["expected_level"] if qalign else table["argmax_level"].astype(float)
-    pred = levels.level_to_total(level.to_numpy())
-    return {"srcc": float(spearmanr(truth.to_numpy(), pred)[0]), "plcc": plcc_official(truth.to_numpy(), pred)}
+    return truth.to_numpy(), level.to_numpy()
 
 
-def element_metrics(path: Path, samples: pd.DataFrame, elements: pd.DataFrame, split: str, tau: float) -> dict:
+def _overall_from(truth: np.ndarray, level: np.ndarray) -> dict:
+    from scipy.stats import spearmanr
+
+    pred = levels.level_to_total(level)
+    return {"srcc": float(spearmanr(truth, pred)[0]), "plcc": plcc_official(truth, pred)}
+
+
+def overall_metrics(path: Path, samples: pd.DataFrame, split: str, qalign: bool) -> dict:
+    return _overall_from(*_overall_levels(path, samples, split, qalign))
+
+
+def _element_levels(path: Path, samples: pd.DataFrame, elements: pd.DataFrame, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(labelled hit, expected level) of the split's elements, in the elements' order."""
     images = samples.loc[samples["split"] == split, "img_path"]
     truth = elements[elements["img_path"].isin(images)]
     if truth["score"].isna().any():
         raise InputError("elements.parquet", f"the {split} split is not labelled")
     ids = pd.Index(truth["img_path"] + "|" + truth["element"])
     table = _scores(path, split, ids)
-    hit = levels.is_hit(table["expected_level"].to_numpy(), tau)
-    return {"acc": float(np.mean(hit == (truth["score"].to_numpy() >= HIT_THRESHOLD)))}
+    return truth["score"].to_numpy() >= HIT_THRESHOLD, table["expected_level"].to_numpy()
+
+
+def _element_from(hit: np.ndarray, level: np.ndarray, tau: float) -> dict:
+    return {"acc": float(np.mean(levels.is_hit(level, tau) == hit))}
+
+
+def element_metrics(path: Path, samples: pd.DataFrame, elements: pd.DataFrame, split: str, tau: float) -> dict:
+    return _element_from(*_element_levels(path, samples, elements, split), tau)
+
+
+def _per_seed(kind: str, plan: list[dict], samples: Path, elements: Path, split: str, tau: float):
+    """rows: flags -> {flag: bool}; values: flags -> "<model> <metric>" -> {seed: value} (the
+    ensemble's too, with several backbones); seeds: flags -> the seeds trained."""
+    s = pd.read_parquet(samples)
+    e = pd.read_parquet(elements)
+    rows: dict[tuple, dict] = {}
+    values: dict[tuple, dict[str, dict]] = {}  # by the seed: a row listed twice counts once
+    seeds: dict[tuple, list[int]] = {}
+    read: dict[tuple, dict[str, tuple]] = {}  # (flags, seed) -> backbone -> (truth, levels)
+    for item in plan:
+        flags = tuple(bool(item["row"][f]) for f in FLAGS[kind])
+        if kind == "overall":
+            truth, level = _overall_levels(Path(item["scores"]), s, split, item["row"]["qalign"])
+            metrics = _overall_from(truth, level)
+        else:
+            truth, level = _element_levels(Path(item["scores"]), s, e, split)
+            metrics = _element_from(truth, level, tau)
+        read.setdefault((flags, item.get("seed")), {})[item["backbone"]] = (truth, level)
+        rows.setdefault(flags, dict(zip(FLAGS[kind], flags)))
+        for name, value in metrics.items():
+            values.setdefault(flags, {}).setdefault(f"{item['backbone']} {name}", {})[item.get("seed")] = value
+        if "seed" in item and item["seed"] not in seeds.setdefault(flags, []):
+            seeds[flags].append(item["seed"])
+    for (flags, seed), members in read.items():
+        if len(members) < 2:
+            continue
+        truth = next(iter(members.values()))[0]
+        level = np.mean([lv for _, lv in members.values()], axis=0)  # the same queries, in the same order
+        metrics = _overall_from(truth, level) if kind == "overall" else _element_from(truth, level, tau)
+        for name, value in metrics.items():
+            values[flags].setdefault(f"{ENSEMBLE} {name}", {})[seed] = value
+    return rows, values, seeds
 
 
 def ablation_table(kind: str, plan: list[dict], samples: Path, elements: Path, split: str, tau: float) -> pd.DataFrame:
@@ -64,22 +128,10 @@ def ablation_table(kind: str, plan: list[dict], samples: Path, elements: Path, s
     "scores": path} and, with `ablation.seeds`, "seed": N. Without seeds one value per backbone
     and metric; with them the mean over the seeds, `<backbone> <metric> sd` (sample standard
     deviation, ddof 1) and a `seeds` column."""
-    s = pd.read_parquet(samples)
-    e = pd.read_parquet(elements)
-    rows: dict[tuple, dict] = {}
-    values: dict[tuple, dict[str, dict]] = {}  # by the seed: a row listed twice counts once
-    seeds: dict[tuple, list[int]] = {}
-    for item in plan:
-        flags = tuple(bool(item["row"][f]) for f in FLAGS[kind])
-        if kind == "overall":
-            metrics = overall_metrics(Path(item["scores"]), s, split, item["row"]["qalign"])
-        else:
-            metrics = element_metrics(Path(item["scores"]), s, e, split, tau)
-        rows.setdefault(flags, dict(zip(FLAGS[kind], flags)))
-        for name, value in metrics.items():
-            values.setdefault(flags, {}).setdefault(f"{item['backbone']} {name}", {})[item.get("seed")] = value
-        if "seed" in item and item["seed"] not in seeds.setdefault(flags, []):
-            seeds[flags].append(item["seed"])
+    return _table(*_per_seed(kind, plan, samples, elements, split, tau))
+
+
+def _table(rows: dict, values: dict, seeds: dict) -> pd.DataFrame:
     for flags, out in rows.items():
         for column, by_seed in values[flags].items():
             found = list(by_seed.values())
@@ -89,6 +141,65 @@ def ablation_table(kind: str, plan: list[dict], samples: Path, elements: Path, s
         if flags in seeds:
             out["seeds"] = " ".join(map(str, sorted(seeds[flags])))
     return pd.DataFrame(list(rows.values()))
+
+
+def _label(kind: str, flags: tuple) -> str:
+    on = [f for f, v in zip(FLAGS[kind], flags) if v]
+    return "+".join(on) if on else "base"
+
+
+def _effect(before: dict, after: dict) -> dict:
+    """The change from `before` to `after` ({seed: value}), paired by seed."""
+    from scipy.stats import ttest_rel
+
+    common = sorted(set(before) & set(after), key=lambda x: (x is None, x))
+    a = np.array([before[k] for k in common])
+    b = np.array([after[k] for k in common])
+    diff = b - a
+    out = {"effect": float(np.mean(diff)), "sd": float("nan"), "seeds": len(common), "p": float("nan")}
+    if len(common) < 2:
+        return {**out, "verdict": "one seed"}
+    out["sd"] = float(np.std(diff, ddof=1))
+    if out["sd"] == 0:  # no spread: a t-test is undefined; an exact tie or a constant change
+        return {**out, "verdict": "within noise" if out["effect"] == 0 else ("holds" if out["effect"] > 0 else "reversed")}
+    out["p"] = float(ttest_rel(b, a).pvalue)
+    verdict = "within noise" if out["p"] >= SIGNIFICANCE else ("holds" if out["effect"] > 0 else "reversed")
+    return {**out, "verdict": verdict}
+
+
+def ablation_effects(kind: str, plan: list[dict], samples: Path, elements: Path, split: str, tau: float) -> pd.DataFrame:
+    """One row per (component, pair of rows, model, metric): the effect of switching the component
+    on (every pair of rows that differ in that switch alone), paired by seed; in Table 4 also
+    ensembling (the ensemble minus the mean of its members, per row). Every effect the paper
+    reports is an improvement, so the paper's direction is "+" throughout."""
+    return _effects(kind, *_per_seed(kind, plan, samples, elements, split, tau)[:2])
+
+
+def _effects(kind: str, rows: dict, values: dict) -> pd.DataFrame:
+    out = []
+    for before in rows:
+        for after in rows:
+            changed = [i for i, (x, y) in enumerate(zip(before, after)) if x != y]
+            if len(changed) != 1 or before[changed[0]]:
+                continue
+            for column in values[before]:
+                if column in values[after]:
+                    model, metric = column.rsplit(" ", 1)
+                    out.append({"component": FLAGS[kind][changed[0]], "from": _label(kind, before),
+                                "to": _label(kind, after), "model": model, "metric": metric,
+                                **_effect(values[before][column], values[after][column])})
+    if kind == "overall":
+        for flags, columns in values.items():
+            for metric in ("srcc", "plcc"):
+                members = [c for c in columns if c.endswith(f" {metric}") and not c.startswith(f"{ENSEMBLE} ")]
+                if f"{ENSEMBLE} {metric}" not in columns:
+                    continue
+                seeds = set.intersection(*(set(columns[c]) for c in members))
+                mean = {k: float(np.mean([columns[c][k] for c in members])) for k in seeds}
+                out.append({"component": "ensembling", "from": "mean of members", "to": _label(kind, flags),
+                            "model": ENSEMBLE, "metric": metric, **_effect(mean, columns[f"{ENSEMBLE} {metric}"])})
+    columns = ["component", "from", "to", "model", "metric", "effect", "sd", "seeds", "p", "verdict"]
+    return pd.DataFrame(out, columns=columns)
 
 
 def add_parser(subparsers) -> None:
@@ -103,11 +214,18 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tau", type=float, default=levels.DEFAULT_TAU)
     p.add_argument("--out", type=Path, required=True,
                    help="TSV: flags, then one column per backbone and metric (with seeds: their mean, sd and the seeds)")
+    p.add_argument("--effects", type=Path,
+                   help="also a TSV of each component's effect, paired by seed, with its spread and verdict")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
-    table = ablation_table(args.kind, json.loads(args.plan), args.samples, args.elements, args.split, args.tau)
+    rows, values, seeds = _per_seed(args.kind, json.loads(args.plan), args.samples, args.elements, args.split, args.tau)
+    table = _table(rows, values, seeds)
     write_text(table.to_csv(sep="\t", index=False, float_format="%.4f"), args.out)
     print(table.to_string(index=False))
+    if args.effects:
+        effects = _effects(args.kind, rows, values)
+        write_text(effects.to_csv(sep="\t", index=False, float_format="%.4f"), args.effects)
+        print(effects.to_string(index=False))
     return 0

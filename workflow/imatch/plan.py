@@ -450,7 +450,8 @@ class Plan:
         targets.append(f"{res}/predictions/{sub['predictor']}/{sub['split']}/submission.zip")
         if sub["predictor"] not in BASELINES and not sub["predictor"].startswith("blank-"):
             targets.append(f"{res}/bundle")  # the submitted models, portable (imatch export)
-        targets += [f"{res}/ablation/table_{task}.tsv" for task in TASKS if self.ablation[task] and self.backbones]
+        targets += [f"{res}/ablation/{table}_{task}.tsv" for task in TASKS if self.ablation[task] and self.backbones
+                    for table in ("table", "effects")]
         return targets
 
 

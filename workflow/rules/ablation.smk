@@ -59,9 +59,14 @@ rule ablation_table:
         elements=rules.ingest.output.elements,
         code=code("ablation"),
     output:
-        report(
+        table=report(
             f"{RESULTS}/ablation/table_{{task}}.tsv",
             caption="../report/ablation.rst",
+            category="Ablation",
+        ),
+        effects=report(
+            f"{RESULTS}/ablation/effects_{{task}}.tsv",
+            caption="../report/ablation_effects.rst",
             category="Ablation",
         ),
     log:
@@ -79,4 +84,5 @@ rule ablation_table:
         tau=config["score"]["tau"],
     shell:
         "imatch ablation-table --kind {wildcards.task} --plan {params.plan:q} --samples {input.samples}"
-        " --elements {input.elements} --split {params.split} --tau {params.tau} --out {output} > {log} 2>&1"
+        " --elements {input.elements} --split {params.split} --tau {params.tau} --out {output.table}"
+        " --effects {output.effects} > {log} 2>&1"
