@@ -164,3 +164,33 @@ def test_one_seed_gives_an_effect_without_a_verdict(ingested, tmp_path):
     srcc_of, srcc = srcc, effects[effects["metric"] == "srcc"].iloc[0]
     assert srcc["component"] == "image_augmentation" and srcc["verdict"] == "one seed" and srcc["seeds"] == 1
     assert srcc["effect"] == pytest.approx(srcc_of[1] - srcc_of[0], abs=1e-12) and srcc["effect"] > 0.5
+
+
+def test_a_metadata_row_becomes_a_column_and_a_component_through_the_command(ingested, tmp_path):
+    """`imatch ablation-table --effects` as the workflow runs it: a row with metadata off adds a
+    metadata column (true for the others) and a metadata effect from that row to its twin; the
+    rows are labelled by their switches that are on."""
+    import json
+    import subprocess
+    import sys
+
+    samples, elements = (pd.read_parquet(p) for p in ingested)
+    truth = samples.loc[samples["split"] == "holdout", "total_score"].to_numpy()
+    perfect = (truth - 1) / 4 * 14 + 1
+    plan = []
+    for metadata, level in ((True, perfect), (False, 16 - perfect)):
+        path = tmp_path / f"{metadata}.parquet"
+        score_table(samples, elements, "holdout", "overall", level).to_parquet(path)
+        row = {"qalign": True, "validation": True, "element_levels": False, "image_augmentation": False}
+        plan.append({"row": {**row, "metadata": metadata} if not metadata else row, "backbone": "m", "scores": str(path)})
+    out, effects = tmp_path / "table.tsv", tmp_path / "effects.tsv"
+    subprocess.run([sys.executable, "-m", "imatch", "ablation-table", "--kind", "overall", "--plan", json.dumps(plan),
+                    "--samples", str(ingested[0]), "--elements", str(ingested[1]), "--split", "holdout",
+                    "--out", str(out), "--effects", str(effects)], check=True, capture_output=True)
+    table = pd.read_csv(out, sep="\t")
+    assert list(table["metadata"]) == [True, False]
+    effect = pd.read_csv(effects, sep="\t").set_index("metric")
+    assert effect.loc["srcc", "component"] == "metadata"
+    assert (effect.loc["srcc", "from"], effect.loc["srcc", "to"]) == ("qalign+validation", "qalign+validation+metadata")
+    assert effect.loc["srcc", "effect"] == pytest.approx(table.loc[0, "m srcc"] - table.loc[1, "m srcc"], abs=2e-4)
+    assert effect.loc["srcc", "effect"] > 0

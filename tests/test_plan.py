@@ -172,6 +172,24 @@ def test_ablation_rows_with_equal_settings_share_a_model_and_validation_rows_tra
     assert len(cells) == len(plan.config["ablation"]["element"]) * len(plan.members([], "element"))
 
 
+def test_an_ablation_row_with_metadata_off_trains_on_queries_without_it():
+    """`metadata: false` in a row: its model's queries state no annotation metadata, in training and
+    in the scored split (no --metadata option); the other rows keep the instructions' fields."""
+    plan = Plan(config("ablation.yaml"))
+    for task in ("overall", "element"):
+        rows, models = plan.config["ablation"][task], plan.ablation_models[task]
+        for row, (variant, round_) in zip(rows, models):
+            qname, tname = variant.split(".")
+            scored = {"query": qname, "split": "holdout"}
+            if plan.variants.uses_element_levels(qname):
+                scored["levels"] = round_
+            for spec in ({"query": qname, "train": tname}, scored):
+                options = plan.instruction_flags(spec, plan.instruction_inputs(spec))
+                stated = "--metadata attribute_confidence prompt_meaningless split_confidence" in options
+                assert stated == row["metadata"], (task, row, options)
+        assert [row["metadata"] for row in rows].count(False) == 1
+
+
 def test_default_targets_export_the_bundle_of_a_model_predictor_only():
     assert "results/bundle" in Plan(config()).all_targets()
     for predictor in ("prior", "blank-ensemble"):

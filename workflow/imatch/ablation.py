@@ -38,6 +38,13 @@ SIGNIFICANCE = 0.05  # two-sided paired t-test over the seeds
 
 FLAGS = {"overall": ["qalign", "validation", "element_levels", "image_augmentation"],
          "element": ["prompt_type", "score_perturbation"]}
+OPTIONAL = {"metadata": True}  # a flag a row may leave out (its default); a column once a row turns it off
+
+
+def flags_of(kind: str, plan: list[dict]) -> list[str]:
+    """The table's switches: the task's, and the optional ones that some row sets off its default."""
+    extra = [f for f, default in OPTIONAL.items() if any(item["row"].get(f, default) != default for item in plan)]
+    return FLAGS[kind] + extra
 
 
 def _scores(path: Path, split: str, expected_ids: pd.Index) -> pd.DataFrame:
@@ -94,12 +101,13 @@ def _per_seed(kind: str, plan: list[dict], samples: Path, elements: Path, split:
     ensemble's too, with several backbones); seeds: flags -> the seeds trained."""
     s = pd.read_parquet(samples)
     e = pd.read_parquet(elements)
+    names = flags_of(kind, plan)
     rows: dict[tuple, dict] = {}
     values: dict[tuple, dict[str, dict]] = {}  # by the seed: a row listed twice counts once
     seeds: dict[tuple, list[int]] = {}
     read: dict[tuple, dict[str, tuple]] = {}  # (flags, seed) -> backbone -> (truth, levels)
     for item in plan:
-        flags = tuple(bool(item["row"][f]) for f in FLAGS[kind])
+        flags = tuple(bool({**OPTIONAL, **item["row"]}[f]) for f in names)
         if kind == "overall":
             truth, level = _overall_levels(Path(item["scores"]), s, split, item["row"]["qalign"])
             metrics = _overall_from(truth, level)
@@ -107,7 +115,7 @@ def _per_seed(kind: str, plan: list[dict], samples: Path, elements: Path, split:
             truth, level = _element_levels(Path(item["scores"]), s, e, split)
             metrics = _element_from(truth, level, tau)
         read.setdefault((flags, item.get("seed")), {})[item["backbone"]] = (truth, level)
-        rows.setdefault(flags, dict(zip(FLAGS[kind], flags)))
+        rows.setdefault(flags, dict(zip(names, flags)))
         for name, value in metrics.items():
             values.setdefault(flags, {}).setdefault(f"{item['backbone']} {name}", {})[item.get("seed")] = value
         if "seed" in item and item["seed"] not in seeds.setdefault(flags, []):
@@ -132,7 +140,9 @@ def ablation_table(kind: str, plan: list[dict], samples: Path, elements: Path, s
 
 
 def _table(rows: dict, values: dict, seeds: dict) -> pd.DataFrame:
-    for flags, out in rows.items():
+    table = []
+    for flags, row in rows.items():
+        out = dict(row)
         for column, by_seed in values[flags].items():
             found = list(by_seed.values())
             out[column] = float(np.mean(found))
@@ -140,11 +150,12 @@ def _table(rows: dict, values: dict, seeds: dict) -> pd.DataFrame:
                 out[f"{column} sd"] = float(np.std(found, ddof=1)) if len(found) > 1 else float("nan")
         if flags in seeds:
             out["seeds"] = " ".join(map(str, sorted(seeds[flags])))
-    return pd.DataFrame(list(rows.values()))
+        table.append(out)
+    return pd.DataFrame(table)
 
 
-def _label(kind: str, flags: tuple) -> str:
-    on = [f for f, v in zip(FLAGS[kind], flags) if v]
+def _label(row: dict) -> str:
+    on = [f for f, v in row.items() if v]
     return "+".join(on) if on else "base"
 
 
@@ -185,8 +196,8 @@ def _effects(kind: str, rows: dict, values: dict) -> pd.DataFrame:
             for column in values[before]:
                 if column in values[after]:
                     model, metric = column.rsplit(" ", 1)
-                    out.append({"component": FLAGS[kind][changed[0]], "from": _label(kind, before),
-                                "to": _label(kind, after), "model": model, "metric": metric,
+                    out.append({"component": list(rows[after])[changed[0]], "from": _label(rows[before]),
+                                "to": _label(rows[after]), "model": model, "metric": metric,
                                 **_effect(values[before][column], values[after][column])})
     if kind == "overall":
         for flags, columns in values.items():
@@ -196,7 +207,7 @@ def _effects(kind: str, rows: dict, values: dict) -> pd.DataFrame:
                     continue
                 seeds = set.intersection(*(set(columns[c]) for c in members))
                 mean = {k: float(np.mean([columns[c][k] for c in members])) for k in seeds}
-                out.append({"component": "ensembling", "from": "mean of members", "to": _label(kind, flags),
+                out.append({"component": "ensembling", "from": "mean of members", "to": _label(rows[flags]),
                             "model": ENSEMBLE, "metric": metric, **_effect(mean, columns[f"{ENSEMBLE} {metric}"])})
     columns = ["component", "from", "to", "model", "metric", "effect", "sd", "seeds", "p", "verdict"]
     return pd.DataFrame(out, columns=columns)

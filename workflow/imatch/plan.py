@@ -386,6 +386,8 @@ class Plan:
             cfg["element"]["prompt_type"] = row["prompt_type"]
             cfg["element"]["score_perturbation"]["enabled"] = row["score_perturbation"]
             round_ = self.final
+        if not row.get("metadata", True):
+            cfg[task]["metadata"] = {field: False for field in cfg[task]["metadata"]}
         qname, tname = self.variants.add(task, cfg)
         return f"{qname}.{tname}", round_
 
