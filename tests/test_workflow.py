@@ -303,6 +303,19 @@ def test_ablation_rows_train_shared_variants_once_and_fill_the_tables(workflow, 
     assert list(overall["qalign"]) == [False, True] and {"tiny-internvl srcc", "tiny-internvl plcc"} <= set(overall)
     element = pd.read_csv(wd / "results" / "ablation" / "table_element.tsv", sep="\t")
     assert element["tiny-internvl acc"].between(0, 1).all()
+    # one cell recomputed from the row's score table: SRCC (scipy) of the expected level, the
+    # row without QAlign from the most likely letter
+    from scipy.stats import spearmanr
+
+    from imatch import levels
+
+    (scores,) = (wd / "results" / "ablation" / "scores" / "tiny-internvl").glob("overall-*-r1/scores.parquet")
+    samples = pd.read_parquet(wd / "results" / "data" / "samples.parquet")
+    truth = samples[samples["split"] == "holdout"].set_index("img_path")["total_score"]
+    seen = pd.read_parquet(scores).query("view == 'seen' and split == 'holdout'").set_index("img_path").loc[truth.index]
+    for qalign, column in ((True, "expected_level"), (False, "argmax_level")):
+        srcc = spearmanr(truth.to_numpy(), levels.level_to_total(seen[column].to_numpy(dtype=float)))[0]
+        assert overall.set_index("qalign").loc[qalign, "tiny-internvl srcc"] == pytest.approx(srcc, abs=1e-4, nan_ok=True)
     effects = pd.read_csv(wd / "results" / "ablation" / "effects_overall.tsv", sep="\t")
     qalign = effects[(effects["component"] == "qalign") & (effects["metric"] == "srcc")].iloc[0]
     assert (qalign["from"], qalign["to"], qalign["verdict"]) == ("base", "qalign", "one seed")
