@@ -207,3 +207,18 @@ def test_a_metadata_row_becomes_a_column_and_a_component_through_the_command(ing
     assert (effect.loc["srcc", "from"], effect.loc["srcc", "to"]) == ("qalign+validation", "qalign+validation+metadata")
     assert effect.loc["srcc", "effect"] == pytest.approx(table.loc[0, "m srcc"] - table.loc[1, "m srcc"], abs=2e-4)
     assert effect.loc["srcc", "effect"] > 0
+
+
+def test_an_effect_on_a_metric_without_a_value_is_undefined_not_reversed(ingested, tmp_path):
+    """Constant predictions have no SRCC (nan): an effect from or to them has no direction."""
+    samples, elements = (pd.read_parquet(p) for p in ingested)
+    truth = samples.loc[samples["split"] == "holdout", "total_score"].to_numpy()
+    plan = []
+    for seed in (0, 1, 2):
+        for flag, lv in ((False, np.full(len(truth), 8.0)), (True, (truth - 1) / 4 * 14 + 1 + seed * 0.01)):
+            path = tmp_path / f"{flag}-{seed}.parquet"
+            score_table(samples, elements, "holdout", "overall", lv).to_parquet(path)
+            plan.append({"row": {"qalign": True, "validation": False, "element_levels": False, "image_augmentation": flag},
+                         "backbone": "m", "seed": seed, "scores": str(path)})
+    srcc = ablation_effects("overall", plan, *ingested, "holdout", tau=3).query("metric == 'srcc'").iloc[0]
+    assert np.isnan(srcc["effect"]) and srcc["verdict"] == "undefined"

@@ -17,7 +17,8 @@ seed trains both rows' models), with its sample standard deviation over the seed
 t-test (scipy); and, in Table 4, ensembling: the ensemble's metric minus the mean of its members'
 in each row. The paper reports every one of these as an improvement; the verdict says whether the
 seeds show that ("holds", p < 0.05), the opposite ("reversed"), or cannot tell ("within noise";
-"one seed" without `ablation.seeds`).
+"one seed" without `ablation.seeds`; "undefined" where a metric has no value, such as the SRCC of
+constant predictions).
 """
 
 from __future__ import annotations
@@ -168,6 +169,8 @@ def _effect(before: dict, after: dict) -> dict:
     b = np.array([after[k] for k in common])
     diff = b - a
     out = {"effect": float(np.mean(diff)), "sd": float("nan"), "seeds": len(common), "p": float("nan")}
+    if not np.isfinite(diff).all():  # a metric without a value (SRCC of constant predictions)
+        return {**out, "verdict": "undefined"}
     if len(common) < 2:
         return {**out, "verdict": "one seed"}
     out["sd"] = float(np.std(diff, ddof=1))
