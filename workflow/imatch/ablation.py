@@ -74,10 +74,6 @@ def _overall_from(truth: np.ndarray, level: np.ndarray) -> dict:
     return {"srcc": float(spearmanr(truth, pred)[0]), "plcc": plcc_official(truth, pred)}
 
 
-def overall_metrics(path: Path, samples: pd.DataFrame, split: str, qalign: bool) -> dict:
-    return _overall_from(*_overall_levels(path, samples, split, qalign))
-
-
 def _element_levels(path: Path, samples: pd.DataFrame, elements: pd.DataFrame, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(labelled hit, expected level) of the split's elements, in the elements' order."""
     images = samples.loc[samples["split"] == split, "img_path"]
@@ -91,10 +87,6 @@ def _element_levels(path: Path, samples: pd.DataFrame, elements: pd.DataFrame, s
 
 def _element_from(hit: np.ndarray, level: np.ndarray, tau: float) -> dict:
     return {"acc": float(np.mean(levels.is_hit(level, tau) == hit))}
-
-
-def element_metrics(path: Path, samples: pd.DataFrame, elements: pd.DataFrame, split: str, tau: float) -> dict:
-    return _element_from(*_element_levels(path, samples, elements, split), tau)
 
 
 def _per_seed(kind: str, plan: list[dict], samples: Path, elements: Path, split: str, tau: float):
