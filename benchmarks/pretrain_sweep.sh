@@ -5,15 +5,16 @@
 # model's held-out accuracy per question type (corpus seed 2). Results: $OUT/sweep.tar.gz
 # (the eval JSONs, the logs), $OUT/summary.txt and, with PACK=1, $OUT/<name>.zip of the best (OUT: any empty
 # folder; the GPU machine's output folder there). The wheels of .whl/ are installed first (the GPU
-# machine has torch, not ms-swift). The corpus is made with --single-attribute (all eight types).
+# machine has torch, not ms-swift). The corpus is made with $CORPUS_FLAGS (--single-attribute: eight types).
 # Measured: benchmarks/results/2026-12-01-h200-pretrain-sweep/.
 set -u
 SCENES=${SCENES:-4000}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/workflow PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 W=/tmp/sweep; rm -rf $W; mkdir -p $W/logs $W/packs
-python3 -m imatch pretrain-corpus --out $W/c1 --seed 1 --scenes $SCENES --single-attribute > $W/logs/corpus1.log 2>&1 &
-python3 -m imatch pretrain-corpus --out $W/c2 --seed 2 --scenes 200 --single-attribute > $W/logs/corpus2.log 2>&1
+CORPUS_FLAGS=${CORPUS_FLAGS:---single-attribute}
+python3 -m imatch pretrain-corpus --out $W/c1 --seed 1 --scenes $SCENES $CORPUS_FLAGS > $W/logs/corpus1.log 2>&1 &
+python3 -m imatch pretrain-corpus --out $W/c2 --seed 2 --scenes 200 $CORPUS_FLAGS > $W/logs/corpus2.log 2>&1
 wait
 while read -r name gpu arch size lr batch steps types; do
   [ -z "$name" ] && continue

@@ -21,14 +21,14 @@ SHAPES = ["circle", "square", "triangle", "star", "ring"]
 COLOURS = list(demo_data.COLOURS)
 WORDS = {"colour": set(COLOURS), "shape": set(SHAPES), "count": {"zero", "one", "two", "three", "four"},
          "position": {"left", "right", "top", "bottom"}, "relation": {"yes", "no", *SHAPES}, "presence": {"yes", "no"},
-         "has_shape": {"yes", "no"}, "has_colour": {"yes", "no"}}
+         "has_shape": {"yes", "no"}, "has_colour": {"yes", "no"}, "in_context": {"yes", "no"}}
 NUMBERS = {w: n for n, w in enumerate(["zero", "one", "two", "three", "four"])} | {"a": 1}
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("corpus") / "c"
-    pretrain_corpus.generate(out, seed=7, n_scenes=60, image_size=128, single_attribute=True)
+    pretrain_corpus.generate(out, seed=7, n_scenes=60, image_size=128, single_attribute=True, instruction_forms=True)
     return out
 
 
@@ -116,6 +116,10 @@ def truth(question: str, objects: list[dict], size: int) -> str:
         return "yes" if _pick(objects, shape=m[1]) else "no"
     if m := re.fullmatch(rf"Is there anything ({C})\?", question):
         return "yes" if _pick(objects, colour=m[1]) else "no"
+    if m := re.fullmatch(rf"(?:Caption: |Text: )?[^\n]+\n(?:Attribute|Item|Check): (?:({C}) \(color\)|({S}) \(object\))\n"
+                         r"(?:Is this attribute in the image|Does the image show this item|Is it visible in the image)"
+                         r"\? Answer yes or no\.", question):
+        return "yes" if _pick(objects, colour=m[1], shape=m[2]) else "no"
     raise AssertionError(f"no checker for {question!r}")
 
 
@@ -128,7 +132,8 @@ def test_every_answer_is_true_of_the_pixels(corpus):
         objects = seen.setdefault(r.image, perceive(corpus / r.image))
         assert r.answer in WORDS[r.type], r  # one word from the type's closed set
         assert truth(r.query.removeprefix("<image>"), objects, 128) == r.answer, (r.image, r.query, r.answer)
-    assert set(table["type"]) == set(pretrain_corpus.QUESTION_TYPES + pretrain_corpus.SINGLE_ATTRIBUTE_TYPES)
+    assert set(table["type"]) == set(pretrain_corpus.QUESTION_TYPES + pretrain_corpus.SINGLE_ATTRIBUTE_TYPES
+                                     + pretrain_corpus.INSTRUCTION_TYPES)
     assert set(table.loc[table["type"] == "relation", "answer"]) > {"yes", "no"}  # "what shape is ..." too
 
 
@@ -267,7 +272,8 @@ def test_the_bytes_do_not_depend_on_the_python_process_and_single_attribute_rows
 
     workflow = Path(pretrain_corpus.__file__).parents[1]
     digests = []
-    for k, (hash_seed, extra) in enumerate((("0", []), ("1", []), ("2", ["--single-attribute"]))):
+    variants = (("0", []), ("1", []), ("2", ["--single-attribute"]), ("3", ["--single-attribute", "--instruction-forms"]))
+    for k, (hash_seed, extra) in enumerate(variants):
         env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(workflow)}
         subprocess.run([sys.executable, "-m", "imatch", "pretrain-corpus", "--out", str(tmp_path / f"c{k}"), "--seed", "1",
                         "--scenes", "150", *extra], env=env, check=True, capture_output=True)
@@ -282,3 +288,29 @@ def test_the_bytes_do_not_depend_on_the_python_process_and_single_attribute_rows
     for k in range(150):
         name = f"images/{k:06d}.png"
         assert (tmp_path / "c0" / name).read_bytes() == (tmp_path / "c2" / name).read_bytes()
+        assert (tmp_path / "c2" / name).read_bytes() == (tmp_path / "c3" / name).read_bytes()
+    # --instruction-forms adds its pair after all other rows of a scene, which keep their bytes
+    forms = pd.read_parquet(tmp_path / "c3" / "corpus.parquet")
+    added = forms["type"].isin(pretrain_corpus.INSTRUCTION_TYPES)
+    assert forms[~added].reset_index(drop=True).equals(both)
+    assert added.sum() == 2 * 150
+
+
+def test_the_instruction_context_says_nothing_about_the_image(corpus):
+    """The context line of an in_context question is the caption of a scene that was not drawn: the
+    attribute asked about is named in it as often when the answer is "no" as when it is "yes" (with
+    this scene's own caption it would be named in every "yes" and no "no"), and the three forms and
+    both kinds of attribute occur."""
+    table = pd.read_parquet(corpus / "corpus.parquet")
+    captions = table[table["type"] == "caption"].set_index("scene")["answer"]
+    rows = table[table["type"] == "in_context"]
+    lines = rows["query"].str.removeprefix("<image>").str.split("\n")
+    context = lines.str[0].str.replace(r"^(Caption|Text): ", "", regex=True)
+    attribute = lines.str[1].str.extract(r": (\w+) \((?:color|object)\)$")[0]
+    assert attribute.notna().all()
+    assert (context != rows["scene"].map(captions)).all()
+    named = pd.Series([a in c.lower() for a, c in zip(attribute, context)], index=rows.index)
+    by_answer = named.groupby(rows["answer"]).mean()
+    assert abs(by_answer["yes"] - by_answer["no"]) < 0.25, by_answer
+    assert set(lines.str[2]) == {f.split("\n")[2] for f in pretrain_corpus.INSTRUCTION_FORMS}
+    assert set(lines.str[1].str.extract(r"\((color|object)\)$")[0]) == {"color", "object"}

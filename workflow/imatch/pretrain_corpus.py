@@ -7,7 +7,9 @@ world. Each scene is drawn with the demo generator's drawing code (`demo_data`: 
 shapes, grid and `_draw_shape`), exactly as specified (no simulated T2I errors), and comes with a
 caption that describes all that was drawn and short-answer questions about colour, shape, count,
 position, relation and presence (of a colour and a shape together; with `--single-attribute` also
-of a shape alone and of a colour alone, what the demo's elements ask). Answers are single words
+of a shape alone and of a colour alone, what the demo's elements ask; with `--instruction-forms`
+also one attribute asked inside an instruction: a context line, the attribute as "blue (color)" /
+"circle (object)", an answer instruction). Answers are single words
 where possible (dense targets); the yes/no questions come in pairs, one "yes" and one "no" about
 the same image, so they are balanced.
 
@@ -51,6 +53,17 @@ CAPTION_QUERIES = ["Describe the image.", "What does the picture show?", "Write 
 QUESTION_TYPES = ["caption", "colour", "shape", "count", "position", "relation", "presence"]
 # with --single-attribute: presence of one attribute alone, what the demo's elements ask ("circle (object)")
 SINGLE_ATTRIBUTE_TYPES = ["has_shape", "has_colour"]
+# with --instruction-forms: the same presence asked inside an instruction, as instruction-tuned VLMs
+# have seen questions: a context line (another scene's caption, so its words are no evidence about
+# this image), the attribute named as the demo's elements name theirs, an answer instruction. Why
+# (benchmarks/results/2026-12-01-cpu-demo-perceiving-backbones/): a backbone that answers "Is there
+# anything red?" about the demo's images (AUC 0.77) did not carry it to the element query's form.
+INSTRUCTION_TYPES = ["in_context"]
+INSTRUCTION_FORMS = [
+    "Caption: {context}\nAttribute: {attribute}\nIs this attribute in the image? Answer yes or no.",
+    "Text: {context}\nItem: {attribute}\nDoes the image show this item? Answer yes or no.",
+    "{context}\nCheck: {attribute}\nIs it visible in the image? Answer yes or no.",
+]
 
 
 @dataclass
@@ -136,7 +149,8 @@ def _half(g: Group, axis: int) -> int | None:
     return halves.pop() if len(halves) == 1 else None
 
 
-def _questions(groups: list[Group], rng: np.random.Generator, single_attribute: bool = False) -> list[tuple[str, str, str]]:
+def _questions(groups: list[Group], rng: np.random.Generator, single_attribute: bool = False,
+               instruction_forms: bool = False) -> list[tuple[str, str, str]]:
     """(type, question, answer) for one scene: at most two per type, yes/no ones in yes+no pairs."""
     out: list[tuple[str, str, str]] = []
 
@@ -196,8 +210,15 @@ def _questions(groups: list[Group], rng: np.random.Generator, single_attribute: 
     c, s = pool[int(rng.integers(len(pool)))]
     pair = [("presence", f"Is there a {g.colour} {g.shape}?", "yes"), ("presence", f"Is there a {c} {s}?", "no")]
     out += [pair[int(k)] for k in rng.permutation(2)]
-    if not single_attribute:
-        return out
+    if single_attribute:
+        out += _single_attribute(groups, rng, absent)
+    if instruction_forms:
+        out += _in_context(groups, rng)
+    return out
+
+
+def _single_attribute(groups: list[Group], rng: np.random.Generator, absent: list[str]) -> list[tuple[str, str, str]]:
+    out: list[tuple[str, str, str]] = []
     # one attribute alone (what the demo's elements ask: "circle (object)", "blue (color)"): a drawn
     # shape and an absent one, a drawn colour and an absent one; drawn after the questions above,
     # so the scenes and the other questions are those of a corpus without them
@@ -213,6 +234,26 @@ def _questions(groups: list[Group], rng: np.random.Generator, single_attribute: 
     return out
 
 
+def _in_context(groups: list[Group], rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    """A yes/no pair on one colour or one shape (a drawn one and an absent one) in one instruction
+    form, after the caption of a scene drawn from the same stream but not rendered: the context
+    says nothing about this image, as the demo's prompt says nothing about whether it was drawn."""
+    context = _caption(_scene(rng))
+    if rng.random() < 0.5:
+        drawn = [g.colour for g in groups]
+        absent = [c for c in demo_data.COLOURS if c not in drawn]
+        kind = "color"
+    else:
+        drawn = [g.shape for g in groups]
+        absent = [x for x in SHAPE_WORDS.values() if x not in drawn]
+        kind = "object"
+    form = INSTRUCTION_FORMS[int(rng.integers(len(INSTRUCTION_FORMS)))]
+    shown, missing = drawn[int(rng.integers(len(drawn)))], absent[int(rng.integers(len(absent)))]
+    pair = [("in_context", form.format(context=context, attribute=f"{shown} ({kind})"), "yes"),
+            ("in_context", form.format(context=context, attribute=f"{missing} ({kind})"), "no")]
+    return [pair[int(k)] for k in rng.permutation(2)]
+
+
 def _partly(a: Group, b: Group, rel: str) -> bool:
     """Whether some shape of `a` lies `rel` some shape of `b` (so "what is <rel> b" could mean a)."""
     return any(relation(Group(a.colour, a.shape, [ca]), Group(b.colour, b.shape, [cb]), rel)
@@ -225,7 +266,7 @@ def scene_rng(seed: int, index: int) -> np.random.Generator:
 
 
 def generate(out: Path, *, seed: int = 1, n_scenes: int = 2000, image_size: int = 128,
-             single_attribute: bool = False) -> dict:
+             single_attribute: bool = False, instruction_forms: bool = False) -> dict:
     """Write the corpus to `out` (atomically, as a whole folder); return its summary."""
     if n_scenes < 1:
         raise ValueError(f"--scenes must be at least 1 (got {n_scenes})")
@@ -241,11 +282,12 @@ def generate(out: Path, *, seed: int = 1, n_scenes: int = 2000, image_size: int 
             img = _draw(groups, rng, image_size)
             name = f"images/{k:0{width}d}.png"
             (tmp / name).write_bytes(demo_data._png_bytes(img))
-            for qi, (qtype, question, answer) in enumerate(_questions(groups, rng, single_attribute)):
+            for qi, (qtype, question, answer) in enumerate(_questions(groups, rng, single_attribute, instruction_forms)):
                 rows.append({"id": f"{k:0{width}d}-{qi:02d}", "scene": k, "image": name, "type": qtype,
                              "query": f"<image>{question}", "answer": answer})
         table = pd.DataFrame(rows, columns=["id", "scene", "image", "type", "query", "answer"])
-        types = QUESTION_TYPES + (SINGLE_ATTRIBUTE_TYPES if single_attribute else [])
+        types = (QUESTION_TYPES + (SINGLE_ATTRIBUTE_TYPES if single_attribute else [])
+                 + (INSTRUCTION_TYPES if instruction_forms else []))
         write_parquet(table, tmp / "corpus.parquet")
         with open(tmp / "corpus.jsonl", "w", encoding="utf-8") as fh:
             for row in swift_rows(table):
@@ -300,11 +342,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--single-attribute", action="store_true",
                    help="also ask for one attribute alone, a yes/no pair each per scene: 'Is there a circle?' "
                         "(has_shape), 'Is there anything blue?' (has_colour); the other rows stay the same bytes")
+    p.add_argument("--instruction-forms", action="store_true",
+                   help="also ask for one colour or shape inside an instruction (another scene's caption, "
+                        "'Attribute: blue (color)', 'Answer yes or no.'), a yes/no pair per scene (in_context), "
+                        "drawn after all other rows, which stay the same bytes")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
     summary = generate(args.out, seed=args.seed, n_scenes=args.scenes, image_size=args.image_size,
-                       single_attribute=args.single_attribute)
+                       single_attribute=args.single_attribute, instruction_forms=args.instruction_forms)
     print(json.dumps({k: summary[k] for k in ("scenes", "rows", "per_type")}))
     return 0

@@ -103,7 +103,8 @@ FILLER_RECORD_ENV = "IMATCH_FILLER_RECORD"  # where the callback writes what it 
 FILLER_PREFIX = "<|filler_"
 RECORD = "pretraining.json"
 DEFAULT_TYPES = ["colour", "shape", "count", "position", "relation", "presence"]
-QUESTION_TYPES = [*DEFAULT_TYPES, "has_shape", "has_colour"]  # the last two: a corpus made with --single-attribute
+# has_shape, has_colour: a corpus made with --single-attribute; in_context: with --instruction-forms
+QUESTION_TYPES = [*DEFAULT_TYPES, "has_shape", "has_colour", "in_context"]
 
 
 # ---------------------------------------------------------------- filler rows (Qwen2.5-VL)
@@ -461,7 +462,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--types", nargs="+", default=DEFAULT_TYPES, choices=["caption", *QUESTION_TYPES],
                    help="row types to train on (default: the six question types of every corpus; with the "
                         "captions the tiny InternVL learnt no colour in 2000 steps, without them it began to; "
-                        "has_shape and has_colour need a corpus made with --single-attribute)")
+                        "has_shape and has_colour need a corpus made with --single-attribute, in_context one made with "
+                        "--instruction-forms)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where swift trains: cpu (the shipped files; same bytes for the same thread count) or "
