@@ -32,6 +32,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
 
 from imatch import archs, score  # noqa: E402
+from imatch.pretrain_corpus import HAS_COLOUR, HAS_SHAPE, SHAPE_WORDS  # noqa: E402
 
 PIXELS = 16384  # the demo's image budget
 
@@ -43,11 +44,13 @@ def _load(arch, model):
 
 
 def _question(element: str) -> str | None:
+    """The corpus' own has_colour / has_shape question about a colour or object element, else None."""
     m = re.match(r"(.+) \((color|object)\)$", element)
     if not m:
         return None
-    word = m.group(1).split(" (")[0]  # "ring (donut)" -> "ring"
-    return f"Is there anything {word}?" if m.group(2) == "color" else f"Is there a {word}?"
+    if m.group(2) == "color":
+        return HAS_COLOUR.format(m.group(1))
+    return HAS_SHAPE.format(SHAPE_WORDS.get(m.group(1), m.group(1)))  # "ring (donut)" -> "ring"
 
 
 def ask(args) -> None:

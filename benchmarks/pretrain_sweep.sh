@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Pretraining recipes of the tiny backbones side by side on a GPU machine (issue 19): one
-# `imatch pretrain-tiny` per line of $VARIANTS ("name gpu arch size lr batch steps types..."),
-# all at once, each on its GPU with 2 CPU threads and 2 data-loading processes, then each
-# model's held-out accuracy per question type (corpus seed 2). Results: $OUT/sweep.tar.gz
+# `imatch pretrain-tiny` per line of $VARIANTS ("name gpu arch size lr batch steps types... [--flag
+# value...]": what follows the first "--" reaches pretrain-tiny as it is, e.g. "--seed 1"), all at
+# once, each on its GPU with $THREADS CPU threads and $WORKERS data-loading processes (default 2, 2),
+# then each model's held-out accuracy per question type (corpus seed 2). Results: $OUT/sweep.tar.gz
 # (the eval JSONs, the logs), $OUT/summary.txt and, with PACK=1, $OUT/<name>.zip of the best (OUT: any empty
 # folder; the GPU machine's output folder there). The wheels of .whl/ are installed first (the GPU
 # machine has torch, not ms-swift). The corpus is made with $CORPUS_FLAGS (--single-attribute: eight types).

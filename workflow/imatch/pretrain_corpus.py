@@ -53,6 +53,8 @@ CAPTION_QUERIES = ["Describe the image.", "What does the picture show?", "Write 
 QUESTION_TYPES = ["caption", "colour", "shape", "count", "position", "relation", "presence"]
 # with --single-attribute: presence of one attribute alone, what the demo's elements ask ("circle (object)")
 SINGLE_ATTRIBUTE_TYPES = ["has_shape", "has_colour"]
+HAS_SHAPE = "Is there a {}?"  # their wording (benchmarks/presence_probe.py asks the demo's elements so)
+HAS_COLOUR = "Is there anything {}?"
 # with --instruction-forms: the same presence asked inside an instruction, as instruction-tuned VLMs
 # have seen questions: a context line (another scene's caption, so its words are no evidence about
 # this image), the attribute named as the demo's elements name theirs, an answer instruction. Why
@@ -223,13 +225,13 @@ def _single_attribute(groups: list[Group], rng: np.random.Generator, absent: lis
     # shape and an absent one, a drawn colour and an absent one; drawn after the questions above,
     # so the scenes and the other questions are those of a corpus without them
     shown = groups[int(rng.integers(len(groups)))]
-    pair = [("has_shape", f"Is there a {shown.shape}?", "yes"),
-            ("has_shape", f"Is there a {absent[int(rng.integers(len(absent)))]}?", "no")]
+    pair = [("has_shape", HAS_SHAPE.format(shown.shape), "yes"),
+            ("has_shape", HAS_SHAPE.format(absent[int(rng.integers(len(absent)))]), "no")]
     out += [pair[int(k)] for k in rng.permutation(2)]
     shown = groups[int(rng.integers(len(groups)))]
     missing = [x for x in demo_data.COLOURS if x not in {g.colour for g in groups}]
-    pair = [("has_colour", f"Is there anything {shown.colour}?", "yes"),
-            ("has_colour", f"Is there anything {missing[int(rng.integers(len(missing)))]}?", "no")]
+    pair = [("has_colour", HAS_COLOUR.format(shown.colour), "yes"),
+            ("has_colour", HAS_COLOUR.format(missing[int(rng.integers(len(missing)))]), "no")]
     out += [pair[int(k)] for k in rng.permutation(2)]
     return out
 
