@@ -86,6 +86,8 @@ def recipe_flags(args, packed: bool = False) -> list[str]:
     ]
     if args.max_steps:
         flags += ["--max_steps", str(args.max_steps)]
+    if not packed:
+        flags += ["--padding_side", getattr(args, "padding_side", "left")]
     if args.tuner == "lora":
         flags += ["--lora_rank", str(args.lora_rank), "--lora_alpha", str(args.lora_alpha),
                   "--target_modules", "all-linear"]
@@ -478,6 +480,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--profile-steps", metavar="FIRST-LAST", type=_step_span,
                    help="with --step-times: torch.profiler over these optimizer steps (1-based), its tables written "
                         "to <step-times>.profile.txt")
+    p.add_argument("--padding-side", choices=["left", "right"], default="left",
+                   help="where swift pads a batch of per-query rows. Left: every row ends with its answer, so "
+                        "ms-swift's logits_to_keep keeps only the answer's few positions; right (ms-swift's default) "
+                        "keeps every position from the earliest answer on, ~100 rows of vocabulary-sized logits "
+                        "per query (Qwen2.5-VL's 151,665 columns: 4x the step time of a tiny model on the CPU). "
+                        "The same loss and gradients (tests/test_padding.py); packed rows are never padded")
     p.add_argument("--keep-scratch", action="store_true",
                    help="keep the working checkpoints after the output is written (default: removed)")
     p.add_argument("--max-tiles", type=int, default=None,
