@@ -616,20 +616,32 @@ def test_a_pretrained_backbone_is_the_shipped_file_unpacked_and_checked(tmp_path
     assert proc.returncode != 0 and "shipped/none.zip does not exist" in proc.stdout + proc.stderr
 
 
-def test_the_pretrained_demo_config_plans_the_shipped_backbones(tmp_path):
-    """config/pretrained.yaml on top of the default: the three backbones come from pretrained/ (no
-    random build), and the LoRA recipe reaches every training command."""
+def test_the_default_plans_the_shipped_backbones_and_random_yaml_builds_random_ones(tmp_path):
+    """The embedded default: the three backbones come from pretrained/ (no random build) and the
+    paper's LoRA recipe in short reaches every training command; config/random.yaml on top of it
+    builds the three random backbones and trains them fully, as the default did before issue 19."""
     from wfhelpers import copy_workflow
 
+    def trainings(proc):
+        lines = [line.strip().removeprefix("Shell command:").strip() for line in (proc.stdout + proc.stderr).splitlines()]
+        return [c for c in lines if c.startswith("imatch train ")]
+
     workdir, _ = copy_workflow(tmp_path / "wf")
-    proc = snakemake(workdir, "-n", "-p", "--forceall", configs=[workdir / "config" / "pretrained.yaml"])
+    proc = snakemake(workdir, "-n", "-p", "--forceall")
     jobs = planned_jobs(proc)
     assert "backbone_pretrained" in jobs and "backbone_tiny" not in jobs
     text = proc.stdout + proc.stderr
     for arch in ("internvl", "ovis2", "qwen2_5_vl"):
         assert f"imatch pretrained-backbone --packed pretrained/tiny-{arch}.zip" in text
-    commands = [line.strip().removeprefix("Shell command:").strip() for line in text.splitlines()]
-    trainings = [c for c in commands if c.startswith("imatch train ")]
-    assert len(trainings) == 12
+    lora = trainings(proc)
+    assert len(lora) == 12
     assert all("--tuner lora" in t and "--lora-rank 16" in t and "--train-vit" in t and "--grad-accum 2" in t
-               and "--max-steps 60" in t for t in trainings), trainings[0]
+               and "--max-steps 60" in t for t in lora), lora[0]
+
+    proc = snakemake(workdir, "-n", "-p", "--forceall", configs=[workdir / "config" / "random.yaml"])
+    jobs = planned_jobs(proc)
+    assert "backbone_tiny" in jobs and "backbone_pretrained" not in jobs
+    full = trainings(proc)
+    assert len(full) == 12
+    assert all("--tuner full" in t and "--learning-rate 0.005" in t and "--max-steps 30" in t and "--grad-accum 1" in t
+               for t in full), full[0]

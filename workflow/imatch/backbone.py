@@ -1,9 +1,9 @@
 """Stage `backbone`: the model a fine-tune starts from.
 
 `tiny-backbone` builds a random-weight backbone of a real architecture offline (tiny for tests and
-the embedded default, real size for GPU benchmarks). `pretrained-backbone` restores a tiny backbone
+config/random.yaml, real size for GPU benchmarks). `pretrained-backbone` restores a tiny backbone
 that `imatch pretrain-tiny` taught to see and `--pack` packed (the files shipped in `pretrained/`,
-`source: pretrained`, config/pretrained.yaml): the packed file is first checked against the sha256
+`source: pretrained`, the embedded default): the packed file is first checked against the sha256
 manifest of the folder it ships in, then its unpacked files against the backbone's own seal.
 `download-backbone` fetches a checkpoint from the HF hub at a pinned revision through the hub
 boundary and writes a sha256 manifest, as `download` does for the data. All write the folder
