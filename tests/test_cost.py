@@ -18,14 +18,14 @@ RATES = {"gpu": "test card", "archs": {arch: {"train": {"per_second": 10.0}, "tr
 
 
 def test_the_demo_jobs_are_costed_from_counts_rates_and_the_recipe(tmp_path, imatch):
-    """The embedded default: 3 backbones x 2 tasks x 2 rounds trained. With 100 training images
-    (10 % augmented copies for the overall task), 2 elements per image and 40 val images (pseudo-
-    labelled for round 2), the training work is 110 / 200 answers in round 1, 150 / 280 in round 2,
-    each capped at the recipe's 30 steps x 8; element answers at the shared-prefix rate."""
+    """The embedded default: 3 backbones x 2 tasks x 2 rounds trained. With 400 training images
+    (10 % augmented copies for the overall task), 2 elements per image and 100 val images (pseudo-
+    labelled for round 2), the training work is 440 / 800 answers in round 1, 540 / 1000 in round 2,
+    each capped at the recipe's 60 steps x 8 x 2; element answers at the shared-prefix rate."""
     rates = tmp_path / "rates.json"
     rates.write_text(json.dumps(RATES))
     out = tmp_path / "cost.md"
-    code, text, err = imatch("cost", "--rates", rates, "--counts", "train=100", "holdout=20", "val=40", "test=10",
+    code, text, err = imatch("cost", "--rates", rates, "--counts", "train=400", "holdout=20", "val=100", "test=10",
                              "--elements-per-image", "2", "--workdir", REPO, "--out", out)
     assert code == 0, err
     jobs = json.loads(out.with_suffix(".json").read_text())
@@ -33,18 +33,18 @@ def test_the_demo_jobs_are_costed_from_counts_rates_and_the_recipe(tmp_path, ima
     backbones = ["tiny-internvl", "tiny-qwen2_5_vl", "tiny-ovis2"]
     assert set(train) == set(itertools.product(backbones, ["overall", "element"], ["r1", "r2"]))
     for b in backbones:
-        assert train[(b, "overall", "r1")]["work"] == pytest.approx(110)
-        assert train[(b, "element", "r1")]["work"] == pytest.approx(200)
-        assert train[(b, "overall", "r2")]["work"] == pytest.approx(150)
-        assert train[(b, "element", "r2")]["work"] == pytest.approx(240)  # 280, capped by max_steps 30 x batch 8
-        assert train[(b, "overall", "r1")]["hours"] == pytest.approx(110 / 10 / 3600)
-        assert train[(b, "element", "r1")]["hours"] == pytest.approx(200 / 20 / 3600)  # share_prefix: on in the demo
+        assert train[(b, "overall", "r1")]["work"] == pytest.approx(440)
+        assert train[(b, "element", "r1")]["work"] == pytest.approx(800)
+        assert train[(b, "overall", "r2")]["work"] == pytest.approx(540)
+        assert train[(b, "element", "r2")]["work"] == pytest.approx(960)  # 1000, capped by max_steps 60 x 8 x 2
+        assert train[(b, "overall", "r1")]["hours"] == pytest.approx(440 / 10 / 3600)
+        assert train[(b, "element", "r1")]["hours"] == pytest.approx(800 / 20 / 3600)  # share_prefix: on in the demo
     scores = [j for j in jobs if j["stage"] == "score"]
     assert scores and all(j["per_second"] == (200.0 if j["task"] == "element" else 100.0) for j in scores)
     work = {(j["backbone"], j["task"], j["round"]): j["work"] for j in scores}
     for b in backbones:  # round 1 scores val only (pseudo labels); round 2 the evaluated splits, also grey
-        assert work[(b, "overall", "r1")] == 40 and work[(b, "element", "r1")] == 80
-        assert work[(b, "overall", "r2")] == 20 + 40 + 10 + 20 + 40 and work[(b, "element", "r2")] == 2 * 130
+        assert work[(b, "overall", "r1")] == 100 and work[(b, "element", "r1")] == 200
+        assert work[(b, "overall", "r2")] == 20 + 100 + 10 + 20 + 100 and work[(b, "element", "r2")] == 2 * 250
     total = sum(j["hours"] for j in jobs)
     assert f"in all: **{total:.2f} GPU-hours**" in text
 

@@ -64,7 +64,7 @@ def test_the_tree_just_made_audits_clean_also_copied_and_damage_is_named(workflo
     samples.loc[0, "total_score"] = 5.0 if samples.loc[0, "total_score"] != 5.0 else 1.0  # an edited parquet
     samples.to_parquet(copy / "data" / "samples.parquet")
     model = copy / "models" / "tiny-ovis2" / "overall-r2"
-    gone = next(n for n in ("tokenizer.json", "config.json") if (model / n).is_file())
+    gone = next(n for n in ("adapter_model.safetensors", "model.safetensors") if (model / n).is_file())
     (model / gone).unlink()  # a deleted model file
     jsonl = sorted(copy.glob("instructions/*/train-*.jsonl"))[0]
     jsonl.write_text("".join(jsonl.read_text().splitlines(keepends=True)[:3]))  # a truncated jsonl
@@ -78,12 +78,21 @@ def test_the_tree_just_made_audits_clean_also_copied_and_damage_is_named(workflo
 
 
 def test_all_three_architectures_train_and_score(workflow):
+    """Every model of the default (LoRA on the shipped pretrained backbones) moved every adapter of
+    the LLM and of the vision tower off its zero start, and its answers depend on the image."""
+    from safetensors.torch import load_file
+
     wd, _ = workflow
     for name, arch in [("tiny-internvl", "internvl"), ("tiny-qwen2_5_vl", "qwen2_5_vl"), ("tiny-ovis2", "ovis2")]:
         for task in ("overall", "element"):
             for round_ in ("r1", "r2"):
-                record = json.loads((wd / "results" / "models" / name / f"{task}-{round_}" / "training.json").read_text())
+                model = wd / "results" / "models" / name / f"{task}-{round_}"
+                record = json.loads((model / "training.json").read_text())
                 assert record["arch"] == arch and record["global_step"] == 2 and record["loss_curve"]
+                adapters = load_file(model / "adapter_model.safetensors")
+                moved = {k for k, v in adapters.items() if "lora_B" in k and v.abs().max() > 0}
+                assert moved == {k for k in adapters if "lora_B" in k}, (model, len(moved))
+                assert any("language_model" in k for k in moved) and any("vision_tower" in k or "visual" in k for k in moved)
             # what the configured predictors need: round 1 labels val; round 2 is evaluated on
             # holdout and val (also with grey images: blank-ensemble) and submits test
             views = {"r1": {("val", "seen")},
@@ -93,6 +102,9 @@ def test_all_three_architectures_train_and_score(workflow):
                 assert set(zip(scores["split"], scores["view"])) == wanted
                 assert not scores.duplicated(["view", "id"]).any()
                 assert np.allclose(np.stack(scores["probs"]).sum(axis=1), 1, atol=1e-5)
+            scores = pd.read_parquet(wd / "results" / "scores" / name / f"{task}-r2" / "scores.parquet")
+            holdout = scores[scores["split"] == "holdout"].set_index(["view", "id"])["expected_level"]
+            assert not np.allclose(holdout["seen"].sort_index(), holdout["blank"].sort_index(), atol=1e-6)
     levels = pd.read_parquet(wd / "results" / "element_levels" / "r2.parquet")
     assert levels["level"].between(1, 7).all()
 
@@ -133,9 +145,11 @@ def test_the_exported_ensemble_scores_like_the_workflow_from_anywhere(workflow, 
     described = json.loads((bundle / "bundle.json").read_text())
     members = sorted(f"{b}/{t}-r2" for b in ("tiny-internvl", "tiny-qwen2_5_vl", "tiny-ovis2") for t in ("overall", "element"))
     assert sorted(described["models"]) == members
-    # its provenance names the six models it copied, not the whole results folder
+    # its provenance names the six models and the three LoRA bases it copied, not the whole results folder
     record = json.loads((wd / "results" / "bundle.prov.json").read_text())
-    assert sorted(Path(i["absolute"]).relative_to(wd / "results" / "models").as_posix() for i in record["inputs"]) == members
+    bases = [f"backbones/{b}" for b in ("tiny-internvl", "tiny-qwen2_5_vl", "tiny-ovis2")]
+    assert sorted(Path(i["absolute"]).relative_to(wd / "results").as_posix() for i in record["inputs"]) == sorted(
+        [f"models/{m}" for m in members] + bases)
     samples = pd.read_parquet(wd / "results" / "data" / "samples.parquet")
     elements = pd.read_parquet(wd / "results" / "data" / "elements.parquet")
     test = samples[samples["split"] == "test"].reset_index(drop=True)
@@ -274,13 +288,22 @@ def test_adding_a_backbone_trains_only_the_new_one(workflow, tmp_path):
 def test_changing_one_learning_rate_retrains_that_backbone_first(workflow, tmp_path):
     wd, _ = workflow
     base = yaml.safe_load((wd / "config" / "config.yaml").read_text())
-    backbones = [dict(b, recipe={"learning_rate": 1e-3}) if b["name"] == "tiny-ovis2" else b for b in base["backbones"]]
+    assert base["train"]["learning_rate"] != 2e-3
+    backbones = [dict(b, recipe={"learning_rate": 2e-3}) if b["name"] == "tiny-ovis2" else b for b in base["backbones"]]
     changed = tmp_path / "lr.yaml"
     changed.write_text(yaml.safe_dump({**SMALL, "backbones": backbones}))
-    models = [o for o in planned_outputs(snakemake(wd, "-n", configs=[changed])) if "/models/" in o]
+    proc = snakemake(wd, "-n", "-p", configs=[changed])
+    models = [o for o in planned_outputs(proc) if "/models/" in o]
     round1 = [o for o in models if o.endswith("-r1")]
     assert sorted(round1) == sorted(o for o in round1 if "/tiny-ovis2/" in o) and len(round1) == 2
-    # round 2 of the others retrains too, since the pseudo labels come from every round-1 model
+    # round 2 of the others retrains too, since the pseudo labels come from every round-1 model;
+    # the new rate reaches the training commands of tiny-ovis2 and of no other backbone
+    lines = [line.strip().removeprefix("Shell command:").strip() for line in (proc.stdout + proc.stderr).splitlines()]
+    commands = [c for c in lines if c.startswith("imatch train ")]
+    ovis2 = [c for c in commands if "/models/tiny-ovis2/" in c]
+    assert len(ovis2) == 4 and all("--learning-rate 0.002 " in c for c in ovis2)
+    others = [c for c in commands if c not in ovis2]
+    assert others and all(f"--learning-rate {base['train']['learning_rate']} " in c for c in others)
 
 
 def test_ablation_rows_train_shared_variants_once_and_fill_the_tables(workflow, tmp_path):
