@@ -483,8 +483,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--padding-side", choices=["left", "right"], default="left",
                    help="where swift pads a batch of per-query rows. Left: every row ends with its answer, so "
                         "ms-swift's logits_to_keep keeps only the answer's few positions; right (ms-swift's default) "
-                        "keeps every position from the earliest answer on, ~100 rows of vocabulary-sized logits "
-                        "per query (Qwen2.5-VL's 151,665 columns: 4x the step time of a tiny model on the CPU). "
+                        "keeps, in every row, every position from the batch's earliest answer on: vocabulary-sized "
+                        "logits for as many positions as the rows' lengths differ (Qwen2.5-VL's 151,665 columns: "
+                        "4x the step time of a tiny model on the CPU). "
                         "The same loss and gradients (tests/test_padding.py); packed rows are never padded")
     p.add_argument("--keep-scratch", action="store_true",
                    help="keep the working checkpoints after the output is written (default: removed)")
