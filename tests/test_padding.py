@@ -15,8 +15,8 @@ import pytest
 
 from imatch.backbone import tiny_backbone
 from imatch.instructions import build_overall, to_swift_rows
+from twosteps import assert_trained_alike, two_steps
 
-PIXELS = 16384
 ROWS = 6
 
 
@@ -47,20 +47,7 @@ def test_a_left_padded_batch_trains_like_unpadded_rows(arch, rows_of_unequal_len
     tiny_backbone(arch, tmp_path / "bb", size="tiny", seed=0)
     jsonl = tmp_path / "rows.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows_of_unequal_length))
-    logs = {}
-    for name, batch, accum in (("padded", ROWS, 1), ("unpadded", 1, ROWS)):
-        out, scratch = tmp_path / name, tmp_path / f"{name}.scratch"
-        code, _, err = imatch("train", "--arch", arch, "--model", tmp_path / "bb", "--dataset", jsonl, "--out", out,
-                              "--scratch", scratch, "--no-share-prefix", "--padding-side", "left", "--tuner", "full",
-                              "--max-steps", "2", "--batch-size", batch, "--grad-accum", accum,
-                              "--dtype", "float32", "--max-pixels", PIXELS, "--learning-rate", "1e-3",
-                              "--warmup-ratio", "0", "--lr-scheduler", "constant", "--keep-scratch", "--threads", "2")
-        assert code == 0, err
-        logs[name] = [row for row in map(json.loads, (scratch / "logging.jsonl").read_text().splitlines())
-                      if "grad_norm" in row]
-    a, b = logs["padded"], logs["unpadded"]
-    assert len(a) == len(b) == 2
-    for key, tol in (("loss", 1e-5), ("grad_norm", 1e-4)):
-        assert abs(float(a[0][key]) - float(b[0][key])) < tol * abs(float(b[0][key])), (key, a[0], b[0])
-    assert abs(float(a[1]["loss"]) - float(b[1]["loss"])) < 1e-4 * abs(float(b[1]["loss"]))
-    assert float(a[1]["loss"]) != float(a[0]["loss"])  # the step changed the model
+    logs = {name: two_steps(imatch, arch, tmp_path / "bb", jsonl, tmp_path / name, tmp_path / f"{name}.scratch",
+                            "--no-share-prefix", "--padding-side", "left", "--batch-size", batch, "--grad-accum", accum)
+            for name, batch, accum in (("padded", ROWS, 1), ("unpadded", 1, ROWS))}
+    assert_trained_alike(logs["padded"], logs["unpadded"])
