@@ -7,7 +7,7 @@
 # line of $RUNS, all at once on the one GPU: "name arch backbone task steps lr". backbone: a folder
 # (an unpacked backbone) or `shipped-<arch>` (pretrained/tiny-<arch>.zip); task: ov (overall), el
 # (element, packed rows) or ovs (overall on the first 80 prompts only: the default demo's size).
-# The recipe is config/pretrained.yaml's (LoRA r16, ViT and aligner trained, 16 answers per step,
+# The recipe is the embedded default's (config/config.yaml) (LoRA r16, ViT and aligner trained, 16 answers per step,
 # cosine, lr as given). Prints, per run, val SRCC of the expected level against the labelled level,
 # its spread, level accuracy against the majority rate and, for elements, hit accuracy (expected
 # level > 3 against the annotators' mean > 0.5). The wheels of .whl/ are installed first.
